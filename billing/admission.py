@@ -1,0 +1,612 @@
+"""Admission: budgets that cannot be overspent, and per-minute rate limits.
+
+Before a request reaches a provider, its maximum possible cost is reserved against
+every budget that applies (key and team) and its request/token counts against
+every rate limit, all in one atomic step: a Lua script in Redis, or, on the
+embedded default (one process, no Redis), the same arithmetic in the event loop,
+which nothing else can interleave with. After the call the reservation is settled
+with the actual cost and the rest released. However many requests arrive at once,
+spent + reserved never passes a limit.
+
+Counters live per budget period (`gw:bud:t:<team>:<period>`), so a new period
+starts from zero by itself. A counter that does not exist yet (a new period, or a
+Redis that lost its data) is first filled from the ledger, which stays the source
+of truth. Reservations of requests that crashed expire and are swept by the next
+admission, so they never turn into false refusals.
+
+Fail policy: when Redis cannot be reached within GATEWAY_REDIS_TIMEOUT_SECONDS, a
+key that has a budget or a rate limit (its own or its team's) is refused with 503
+`budget_service_unavailable`; a key with neither never touches Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from django.conf import settings
+from django.db.models import Sum
+from django.http import HttpResponse
+from redis.exceptions import RedisError
+
+from billing.models import LedgerEntry
+from billing.periods import Period, current_period
+from billing.pricing import Prices, max_cost_micro_usd, micro_usd_to_str
+from gateway.db import run_db
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.auth import KeyPrincipal
+
+logger = logging.getLogger(__name__)
+
+RESERVATIONS_ZSET = "gw:res:exp"
+RESERVATIONS_HASH = "gw:res:val"
+# A reservation outlives the longest a request can take (upstream timeout plus the
+# stream drain) before the sweep may release it.
+RESERVATION_GRACE_SECONDS = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    scope: str  # "key" | "team"
+    owner_id: int
+    limit_micro_usd: int
+    period_kind: str
+    period: Period
+
+    @property
+    def redis_key(self) -> str:
+        letter = "k" if self.scope == "key" else "t"
+        return f"gw:bud:{letter}:{self.owner_id}:{self.period.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    scope: str  # "key" | "team"
+    kind: str  # "requests" | "tokens"
+    limit: int
+    amount: int
+    window_start: int  # epoch seconds of the current minute
+
+    @property
+    def redis_key(self) -> str:
+        letter = "k" if self.scope == "key" else "t"
+        return f"gw:rl:{letter}:{self.kind}:{self.window_start}"
+
+
+@dataclass
+class Ticket:
+    """What admission handed out for one request, and what settling it needs."""
+
+    reservation_id: str
+    amount: int
+    budget_keys: list[str]
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+NO_TICKET_NEEDED = ""
+
+
+def _budgets(principal: KeyPrincipal, now: datetime) -> list[Budget]:
+    budgets = []
+    if principal.key_budget_micro_usd is not None:
+        budgets.append(
+            Budget(
+                "key",
+                principal.key_id,
+                principal.key_budget_micro_usd,
+                principal.key_budget_period,
+                current_period(principal.key_budget_period, principal.team_timezone, now),
+            )
+        )
+    if principal.team_budget_micro_usd is not None:
+        budgets.append(
+            Budget(
+                "team",
+                principal.team_id,
+                principal.team_budget_micro_usd,
+                principal.team_budget_period,
+                current_period(principal.team_budget_period, principal.team_timezone, now),
+            )
+        )
+    return budgets
+
+
+def _limits(principal: KeyPrincipal, tokens: int, now_s: float) -> list[Limit]:
+    window = int(now_s // 60) * 60
+    out = []
+    for scope, owner, rpm, tpm in (
+        ("key", principal.key_id, principal.key_rpm_limit, principal.key_tpm_limit),
+        ("team", principal.team_id, principal.team_rpm_limit, principal.team_tpm_limit),
+    ):
+        if rpm:
+            out.append(Limit(scope, f"requests:{owner}", rpm, 1, window))
+        if tpm:
+            out.append(Limit(scope, f"tokens:{owner}", tpm, tokens, window))
+    return out
+
+
+def _reset_text(seconds: float) -> str:
+    # OpenAI's x-ratelimit-reset-* format: "6m0s", "20ms", "1s".
+    if seconds < 1:
+        return f"{max(1, int(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _rate_headers(limits: list[Limit], used_after: list[int], now_s: float) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    reset = _reset_text(60 - (now_s % 60))
+    for kind in ("requests", "tokens"):
+        tightest: tuple[int, int] | None = None
+        for limit, used in zip(limits, used_after, strict=True):
+            if limit.kind.split(":")[0] != kind:
+                continue
+            remaining = max(0, limit.limit - used)
+            if tightest is None or remaining < tightest[1]:
+                tightest = (limit.limit, remaining)
+        if tightest is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(tightest[0])
+            headers[f"x-ratelimit-remaining-{kind}"] = str(tightest[1])
+            headers[f"x-ratelimit-reset-{kind}"] = reset
+    return headers
+
+
+def _budget_refusal(budget: Budget, spent: int, reserved: int, amount: int) -> GatewayError:
+    who = "This key's" if budget.scope == "key" else "The team's"
+    period = "one-off credit" if budget.period_kind == "total" else f"{budget.period_kind} budget"
+    reset = (
+        f"It resets at {budget.period.end.isoformat()}."
+        if budget.period.end
+        else "It does not reset: ask an admin to add credit."
+    )
+    return GatewayError(
+        f"{who} {period} of ${micro_usd_to_str(budget.limit_micro_usd)} is exhausted: "
+        f"${micro_usd_to_str(spent)} spent and ${micro_usd_to_str(reserved)} reserved by requests "
+        f"in flight; this request may cost up to ${micro_usd_to_str(amount)}. {reset} "
+        "A smaller max_tokens needs less headroom.",
+        429,
+        "insufficient_quota",
+        f"{budget.scope}_budget_exceeded",
+    )
+
+
+def _rate_refusal(limit: Limit, retry_after_s: float) -> GatewayError:
+    kind = limit.kind.split(":")[0]
+    who = "this key" if limit.scope == "key" else "this key's team"
+    unit = "requests" if kind == "requests" else "tokens (prompt plus max output)"
+    wait = max(1, math.ceil(retry_after_s))
+    return GatewayError(
+        f"Rate limit reached for {who}: {limit.limit} {unit} per minute. Retry after {wait}s.",
+        429,
+        "rate_limit_exceeded" if kind == "requests" else "tokens_exceeded",
+        "rate_limit_exceeded",
+        headers={
+            "retry-after": str(wait),
+            f"x-ratelimit-limit-{kind}": str(limit.limit),
+            f"x-ratelimit-remaining-{kind}": "0",
+            f"x-ratelimit-reset-{kind}": _reset_text(retry_after_s),
+        },
+    )
+
+
+def unavailable() -> GatewayError:
+    return GatewayError(
+        "Budget and rate-limit checks are unavailable (Redis did not answer), so requests "
+        "on keys with a budget or limit are refused for now. Retry shortly.",
+        503,
+        "server_error",
+        "budget_service_unavailable",
+        headers={"retry-after": "1"},
+    )
+
+
+# --- the ledger as source of truth ---------------------------------------------------------------
+
+
+def ledger_spend(budget: Budget) -> int:
+    rows = LedgerEntry.objects.filter(
+        **({"key_id": budget.owner_id} if budget.scope == "key" else {"team_id": budget.owner_id})
+    )
+    if budget.period.start is not None:
+        rows = rows.filter(started_at__gte=budget.period.start, started_at__lt=budget.period.end)
+    return int(rows.aggregate(total=Sum("charged_cost_micro_usd"))["total"] or 0)
+
+
+def _expiry_seconds(budget: Budget) -> int | None:
+    if budget.period.end is None:
+        return None
+    # Keep a finished period's counter a while for the spend API, then let it go.
+    return int((budget.period.end + timedelta(days=7) - datetime.now(UTC)).total_seconds())
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+_ADMIT_LUA = """
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local amount = tonumber(ARGV[3])
+local expires = tonumber(ARGV[4])
+local nb = tonumber(ARGV[5])
+
+-- Release reservations of requests that died without settling.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+for _, old in ipairs(expired) do
+  local v = redis.call('HGET', KEYS[2], old)
+  if v then
+    local amt = nil
+    for part in string.gmatch(v, '[^|]+') do
+      if amt == nil then
+        amt = tonumber(part)
+      elseif redis.call('EXISTS', part) == 1 then
+        redis.call('HINCRBY', part, 'reserved', -amt)
+      end
+    end
+    redis.call('HDEL', KEYS[2], old)
+  end
+  redis.call('ZREM', KEYS[1], old)
+end
+
+local idx = 6
+for i = 1, nb do
+  local key = KEYS[2 + i]
+  local limit = tonumber(ARGV[idx])
+  idx = idx + 1
+  if redis.call('EXISTS', key) == 0 then
+    return {'init', i}
+  end
+  local spent = tonumber(redis.call('HGET', key, 'spent') or '0')
+  local reserved = tonumber(redis.call('HGET', key, 'reserved') or '0')
+  if spent + reserved + amount > limit then
+    return {'budget', i, spent, reserved}
+  end
+end
+
+local nr = tonumber(ARGV[idx])
+idx = idx + 1
+local used = {}
+for j = 1, nr do
+  local key = KEYS[2 + nb + j]
+  local limit = tonumber(ARGV[idx])
+  local inc = tonumber(ARGV[idx + 1])
+  idx = idx + 2
+  local cur = tonumber(redis.call('GET', key) or '0')
+  if cur + inc > limit then
+    local ttl = redis.call('PTTL', key)
+    return {'rate', j, cur, ttl}
+  end
+  used[j] = cur + inc
+end
+
+for j = 1, nr do
+  local key = KEYS[2 + nb + j]
+  local inc = tonumber(ARGV[6 + nb + 1 + (j - 1) * 2 + 1])
+  redis.call('INCRBY', key, inc)
+  redis.call('EXPIRE', key, 120, 'NX')
+end
+if nb > 0 then
+  local members = {tostring(amount)}
+  for i = 1, nb do
+    redis.call('HINCRBY', KEYS[2 + i], 'reserved', amount)
+    table.insert(members, KEYS[2 + i])
+  end
+  redis.call('HSET', KEYS[2], rid, table.concat(members, '|'))
+  redis.call('ZADD', KEYS[1], expires, rid)
+end
+local out = {'ok'}
+for j = 1, nr do
+  table.insert(out, used[j])
+end
+return out
+"""
+
+_SETTLE_LUA = """
+local rid = ARGV[1]
+local actual = tonumber(ARGV[2])
+-- Settling twice (a retry after a lost reply) must not count the spend twice.
+if redis.call('SET', 'gw:res:done:' .. rid, '1', 'NX', 'EX', 86400) == false then
+  return 0
+end
+local v = redis.call('HGET', KEYS[2], rid)
+local amt = 0
+if v then
+  amt = tonumber(string.match(v, '^[^|]+'))
+  redis.call('HDEL', KEYS[2], rid)
+  redis.call('ZREM', KEYS[1], rid)
+end
+for i = 3, #KEYS do
+  -- A counter that does not exist will be filled from the ledger, which already
+  -- holds this request's row; creating it here would count the spend twice.
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if amt > 0 then
+      redis.call('HINCRBY', KEYS[i], 'reserved', -amt)
+    end
+    if actual > 0 then
+      redis.call('HINCRBY', KEYS[i], 'spent', actual)
+    end
+  end
+end
+return 1
+"""
+
+_INIT_LUA = """
+if redis.call('HSETNX', KEYS[1], 'spent', ARGV[1]) == 1 then
+  redis.call('HSETNX', KEYS[1], 'reserved', 0)
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+  end
+end
+return 1
+"""
+
+
+class RedisBackend:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._clients: dict[int, tuple[aioredis.Redis, Any, Any, Any]] = {}
+
+    def _client(self) -> tuple[aioredis.Redis, Any, Any, Any]:
+        loop_id = id(asyncio.get_running_loop())
+        entry = self._clients.get(loop_id)
+        if entry is None:
+            timeout = settings.REDIS_TIMEOUT_SECONDS
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                max_connections=256,
+            )
+            entry = (
+                client,
+                client.register_script(_ADMIT_LUA),
+                client.register_script(_SETTLE_LUA),
+                client.register_script(_INIT_LUA),
+            )
+            self._clients[loop_id] = entry
+        return entry
+
+    async def _guard(self, coro: Any) -> Any:
+        # socket_timeout bounds each read; wait_for also bounds a connect that
+        # succeeds into a stopped Redis and a pool that has no free connection.
+        try:
+            return await asyncio.wait_for(coro, settings.REDIS_TIMEOUT_SECONDS * 2)
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.warning("redis unavailable for admission: %s", type(exc).__name__)
+            raise unavailable() from exc
+
+    async def admit(
+        self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
+    ) -> list[Any]:
+        _, admit_script, _, init_script = self._client()
+        keys = [RESERVATIONS_ZSET, RESERVATIONS_HASH]
+        keys += [b.redis_key for b in budgets]
+        keys += [limit.redis_key for limit in limits]
+        args: list[Any] = [
+            int(now_s * 1000),
+            rid,
+            amount,
+            int((now_s + settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS + RESERVATION_GRACE_SECONDS) * 1000),
+            len(budgets),
+            *[b.limit_micro_usd for b in budgets],
+            len(limits),
+        ]
+        for limit in limits:
+            args += [limit.limit, limit.amount]
+        for _ in range(len(budgets) + 1):
+            result = await self._guard(admit_script(keys=keys, args=args))
+            if result[0] != b"init":
+                return [result[0].decode(), *result[1:]]
+            budget = budgets[int(result[1]) - 1]
+            spent = await run_db(ledger_spend, budget)
+            await self._guard(
+                init_script(keys=[budget.redis_key], args=[spent, _expiry_seconds(budget) or 0])
+            )
+        raise unavailable()
+
+    async def settle(self, ticket: Ticket, actual: int) -> None:
+        _, _, settle_script, _ = self._client()
+        await self._guard(
+            settle_script(
+                keys=[RESERVATIONS_ZSET, RESERVATIONS_HASH, *ticket.budget_keys],
+                args=[ticket.reservation_id, actual],
+            )
+        )
+
+    async def snapshot(self, budget: Budget) -> tuple[int, int] | None:
+        client = self._client()[0]
+        values = await self._guard(client.hmget(budget.redis_key, ["spent", "reserved"]))
+        if values[0] is None:
+            return None
+        return int(values[0]), int(values[1] or 0)
+
+    async def open_reservations(self) -> int:
+        client = self._client()[0]
+        return int(await self._guard(client.hlen(RESERVATIONS_HASH)))
+
+
+class LocalBackend:
+    """The same semantics in one process, for the embedded default without Redis.
+
+    Each method runs without awaiting between its reads and writes, so the event
+    loop makes it atomic, as the Lua script is in Redis.
+    """
+
+    def __init__(self) -> None:
+        self.budgets: dict[str, dict[str, int]] = {}
+        self.rates: dict[str, int] = {}
+        self.reservations: dict[str, tuple[float, int, list[str]]] = {}
+        self.settled: set[str] = set()
+
+    def _sweep(self, now_s: float) -> None:
+        for rid, (expires, amount, keys) in list(self.reservations.items()):
+            if expires <= now_s:
+                for key in keys:
+                    if key in self.budgets:
+                        self.budgets[key]["reserved"] -= amount
+                del self.reservations[rid]
+
+    def _try(self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float) -> list[Any]:
+        self._sweep(now_s)
+        for index, budget in enumerate(budgets, start=1):
+            state = self.budgets.get(budget.redis_key)
+            if state is None:
+                return ["init", index]
+            if state["spent"] + state["reserved"] + amount > budget.limit_micro_usd:
+                return ["budget", index, state["spent"], state["reserved"]]
+        used = []
+        for index, limit in enumerate(limits, start=1):
+            current = self.rates.get(limit.redis_key, 0)
+            if current + limit.amount > limit.limit:
+                return ["rate", index, current, int((limit.window_start + 60 - now_s) * 1000)]
+            used.append(current + limit.amount)
+        for limit in limits:
+            self.rates[limit.redis_key] = self.rates.get(limit.redis_key, 0) + limit.amount
+        if budgets:
+            for budget in budgets:
+                self.budgets[budget.redis_key]["reserved"] += amount
+            expires = now_s + settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS + RESERVATION_GRACE_SECONDS
+            self.reservations[rid] = (expires, amount, [b.redis_key for b in budgets])
+        if len(self.rates) > 10_000:
+            floor = int(now_s // 60) * 60 - 60
+            self.rates = {k: v for k, v in self.rates.items() if int(k.rsplit(":", 1)[1]) >= floor}
+        return ["ok", *used]
+
+    async def admit(
+        self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
+    ) -> list[Any]:
+        for _ in range(len(budgets) + 1):
+            result = self._try(rid, amount, budgets, limits, now_s)
+            if result[0] != "init":
+                return result
+            budget = budgets[int(result[1]) - 1]
+            spent = await run_db(ledger_spend, budget)
+            self.budgets.setdefault(budget.redis_key, {"spent": spent, "reserved": 0})
+        raise unavailable()
+
+    async def settle(self, ticket: Ticket, actual: int) -> None:
+        if ticket.reservation_id in self.settled:
+            return
+        self.settled.add(ticket.reservation_id)
+        if len(self.settled) > 100_000:
+            self.settled.clear()
+        entry = self.reservations.pop(ticket.reservation_id, None)
+        amount = entry[1] if entry else 0
+        for key in ticket.budget_keys:
+            state = self.budgets.get(key)
+            if state is not None:
+                state["reserved"] -= amount
+                state["spent"] += actual
+
+    async def snapshot(self, budget: Budget) -> tuple[int, int] | None:
+        state = self.budgets.get(budget.redis_key)
+        return (state["spent"], state["reserved"]) if state else None
+
+    async def open_reservations(self) -> int:
+        return len(self.reservations)
+
+
+_backend: RedisBackend | LocalBackend | None = None
+
+
+def backend() -> RedisBackend | LocalBackend:
+    global _backend
+    if _backend is None:
+        _backend = RedisBackend(settings.REDIS_URL) if settings.REDIS_URL else LocalBackend()
+    return _backend
+
+
+# --- the API the data plane calls ---------------------------------------------------------------
+
+
+async def admit(
+    *,
+    principal: KeyPrincipal,
+    request_id: str,
+    prompt_tokens: int,
+    max_output_tokens: int,
+    prices: Prices,
+) -> Ticket:
+    now = datetime.now(UTC)
+    now_s = time.time()
+    budgets = _budgets(principal, now)
+    limits = _limits(principal, prompt_tokens + max_output_tokens, now_s)
+    if not budgets and not limits:
+        return Ticket(reservation_id=NO_TICKET_NEEDED, amount=0, budget_keys=[], settled=True)
+    amount = max_cost_micro_usd(prompt_tokens, max_output_tokens, prices, principal.markup_percent)
+    rid = f"{request_id}:{secrets.token_hex(4)}"
+    result = await backend().admit(rid, amount, budgets, limits, now_s)
+    outcome = result[0]
+    if outcome == "budget":
+        budget = budgets[int(result[1]) - 1]
+        raise _budget_refusal(budget, int(result[2]), int(result[3]), amount)
+    if outcome == "rate":
+        limit = limits[int(result[1]) - 1]
+        pttl = int(result[3])
+        retry = pttl / 1000 if pttl > 0 else 60 - (now_s % 60)
+        raise _rate_refusal(limit, retry)
+    used = [int(v) for v in result[1:]]
+    return Ticket(
+        reservation_id=rid,
+        amount=amount,
+        budget_keys=[b.redis_key for b in budgets],
+        headers=_rate_headers(limits, used, now_s),
+        settled=not budgets,
+    )
+
+
+_retries: set[asyncio.Task[None]] = set()
+SETTLE_RETRY_DELAYS = (0.5, 1, 2, 4, 8, 16, 32)
+
+
+async def _settle_later(ticket: Ticket, actual: int) -> None:
+    for delay in SETTLE_RETRY_DELAYS:
+        await asyncio.sleep(delay)
+        try:
+            await backend().settle(ticket, actual)
+            return
+        except GatewayError:
+            continue
+    logger.error(
+        "reservation %s could not be settled (%s micro-USD); the budget counter is behind "
+        "the ledger until it is reconciled",
+        ticket.reservation_id,
+        actual,
+    )
+
+
+async def settle(ticket: Ticket, actual_micro_usd: int) -> None:
+    """Turn the reservation into the actual spend and release the rest.
+
+    Idempotent, and never fails the request: the ledger row is already written, so
+    a Redis hiccup here is retried in the background (the settle script ignores a
+    repeat) rather than turned into an error for a request that succeeded.
+    """
+    if ticket.settled:
+        return
+    ticket.settled = True
+    try:
+        await backend().settle(ticket, actual_micro_usd)
+    except GatewayError:
+        task = asyncio.get_running_loop().create_task(_settle_later(ticket, actual_micro_usd))
+        _retries.add(task)
+        task.add_done_callback(_retries.discard)
+
+
+async def release(ticket: Ticket) -> None:
+    """Give back a reservation for a request that cost nothing."""
+    await settle(ticket, 0)
+
+
+def apply_headers(response: HttpResponse, ticket: Ticket) -> None:
+    for name, value in ticket.headers.items():
+        response[name] = value

@@ -1,0 +1,91 @@
+"""ASGI entry point.
+
+Two Django handlers share one process: the data plane (/v1, /health) runs with
+only the request-id middleware, because every sync middleware (sessions, CSRF,
+messages) costs a thread hop per request under ASGI; everything else (dashboard,
+management API) gets the full stack. Oversized bodies are refused with 413 from
+Content-Length alone, before Django reads a byte of them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+from django.conf import settings  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+
+full_site = get_asgi_application()
+
+# Imported once at start-up (litellm takes seconds to import), never per request.
+import gateway.proxy  # noqa: E402, F401
+from gateway.errors import body_too_large, dialect_for_path  # noqa: E402
+
+
+class DataPlaneHandler(ASGIHandler):
+    def load_middleware(self, is_async: bool = False) -> None:
+        # BaseHandler reads settings.MIDDLEWARE; give it the data plane's short list
+        # for the duration of this one-time set-up.
+        full = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.DATA_PLANE_MIDDLEWARE
+        try:
+            super().load_middleware(is_async)
+        finally:
+            settings.MIDDLEWARE = full
+
+
+data_plane = DataPlaneHandler()
+_DATA_PLANE_PREFIXES = ("/v1/", "/health/")
+
+
+def _content_length(scope: dict[str, Any]) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+async def _refuse_too_large(scope: dict[str, Any], send: Any) -> None:
+    error = body_too_large(settings.GATEWAY_MAX_BODY_BYTES)
+    body = error.anthropic_body() if dialect_for_path(scope["path"]) == "anthropic" else error.openai_body()
+    payload = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        # Nothing to set up or tear down beyond what import did; acknowledge politely.
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    path = scope.get("path", "")
+    if path.startswith(_DATA_PLANE_PREFIXES):
+        if _content_length(scope) > settings.GATEWAY_MAX_BODY_BYTES:
+            await _refuse_too_large(scope, send)
+            return
+        await data_plane(scope, receive, send)
+    else:
+        await full_site(scope, receive, send)

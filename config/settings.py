@@ -1,0 +1,221 @@
+"""Django settings for the gateway.
+
+Everything configurable comes from the environment through `config.env`, read here
+and nowhere else. With no environment at all the gateway runs on embedded
+defaults: a SQLite file, the in-process cache and eager Celery. `DATABASE_URL`
+and `REDIS_URL` switch to Postgres and Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    parse_database_url,
+    validate_redis_url,
+)
+
+# litellm must never fetch its price map from the internet; set before it is imported.
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+os.environ.setdefault("LITELLM_TELEMETRY", "False")
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("GATEWAY_VAR_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("GATEWAY_DEBUG", False)
+TESTING = "pytest" in sys.modules
+
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if DEBUG or TESTING:
+        SECRET_KEY = "insecure-dev-only-secret-key-do-not-use-in-production"  # noqa: S105
+    else:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is required outside debug: set SECRET_KEY to a long random string "
+            "(or GATEWAY_DEBUG=1 for local development)."
+        )
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "ninja",
+    "gateway",
+    "billing",
+    "dashboard",
+]
+
+# The full stack, for the dashboard and the management API.
+MIDDLEWARE = [
+    "gateway.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+# The data plane (/v1, /health) needs none of sessions, CSRF or messages, and every
+# sync middleware costs a thread hop per request under ASGI; see config/asgi.py.
+DATA_PLANE_MIDDLEWARE = ["gateway.middleware.RequestIdMiddleware"]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -----------------------------------------------------------------
+DB_TIMEOUT_SECONDS = env_float("GATEWAY_DB_TIMEOUT_SECONDS", 3.0, minimum=0.1)
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    _db = parse_database_url(DATABASE_URL)
+    DATABASES = {
+        "default": {
+            "ENGINE": _db.engine,
+            "NAME": _db.name,
+            "USER": _db.user,
+            "PASSWORD": _db.password,
+            "HOST": _db.host,
+            "PORT": _db.port,
+            # Pooled connections are returned at the end of each request; the pool's
+            # timeout and the statement timeout mean nothing waits on Postgres forever.
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {
+                **_db.options,
+                "connect_timeout": max(1, round(DB_TIMEOUT_SECONDS)),
+                "options": f"-c statement_timeout={int(DB_TIMEOUT_SECONDS * 1000) * 2}",
+                "pool": {
+                    "min_size": 1,
+                    "max_size": env_int("GATEWAY_DB_POOL_SIZE", 10, minimum=1),
+                    "timeout": DB_TIMEOUT_SECONDS,
+                },
+            },
+        }
+    }
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_str("GATEWAY_SQLITE_PATH", str(VAR_DIR / "gateway.sqlite3")),
+            "OPTIONS": {
+                # WAL lets the dashboard read while the data plane writes the ledger;
+                # IMMEDIATE takes the write lock up front instead of failing mid-transaction.
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis, cache and Celery -----------------------------------------------------
+REDIS_URL = validate_redis_url(env_str("REDIS_URL")) if env_str("REDIS_URL") else ""
+REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5, minimum=0.01)
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "gw",
+            "OPTIONS": {
+                "socket_timeout": REDIS_TIMEOUT_SECONDS,
+                "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+            },
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_TIMEZONE = "UTC"
+
+# --- Auth, sessions, security ------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = env_bool("GATEWAY_SECURE_COOKIES", not DEBUG and not TESTING)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+LOGIN_URL = "/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# Request bodies are read by our views, which enforce GATEWAY_MAX_BODY_BYTES with a 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = None
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("GATEWAY_LOG_LEVEL", "INFO").upper()},
+    "loggers": {
+        # litellm logs request details (including headers) at INFO/DEBUG.
+        "LiteLLM": {"level": "WARNING"},
+        "LiteLLM Router": {"level": "WARNING"},
+        "LiteLLM Proxy": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+    },
+}
+
+# --- Gateway -----------------------------------------------------------------------------
+# Bearer token for /api/admin; the management API is disabled while it is empty.
+GATEWAY_ADMIN_TOKEN = env_str("GATEWAY_ADMIN_TOKEN")
+# Fernet keys (comma-separated, newest first) that encrypt provider credentials at
+# rest. Unset: one key derived from SECRET_KEY.
+GATEWAY_ENCRYPTION_KEYS = env_list("GATEWAY_ENCRYPTION_KEY", [])
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
+# How stale an in-process view of a key or of the model configuration may be. A
+# revocation therefore reaches every process within this many seconds.
+GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
+GATEWAY_CONFIG_POLL_SECONDS = env_float("GATEWAY_CONFIG_POLL_SECONDS", 1.0)
+GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 300.0, minimum=1)
+# Used to reserve budget when a request gives no max_tokens and the model's own
+# maximum output is unknown.
+GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS = env_int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1)
+GATEWAY_KEY_PREFIX = "sk-gw-"

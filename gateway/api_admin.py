@@ -1,0 +1,244 @@
+"""The management API under /api/admin: models, teams and keys.
+
+Authenticated with `Authorization: Bearer $GATEWAY_ADMIN_TOKEN`; disabled while
+that setting is empty. Endpoints parse, call a service, and shape the output.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Prefetch
+from django.http import HttpRequest
+from django.shortcuts import get_object_or_404
+from ninja import Query, Router, Schema
+from ninja.security import HttpBearer
+
+from gateway import services
+from gateway.errors import GatewayError, invalid_request
+from gateway.models import KeySecret, ModelDeployment, Team, VirtualKey
+from gateway.routing import split_provider
+from gateway.schemas import (
+    ErrorOut,
+    Page,
+    PageParams,
+    KeyCreatedOut,
+    KeyIn,
+    KeyOut,
+    KeyPatch,
+    ModelIn,
+    ModelOut,
+    ModelPatch,
+    RotateIn,
+    TeamIn,
+    TeamOut,
+    TeamPatch,
+)
+
+
+class AdminToken(HttpBearer):
+    def authenticate(self, request: HttpRequest, token: str) -> str | None:
+        expected = settings.GATEWAY_ADMIN_TOKEN
+        if not expected:
+            raise GatewayError(
+                "The management API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.",
+                403,
+                "permission_error",
+                "admin_api_disabled",
+            )
+        if hmac.compare_digest(token.encode(), expected.encode()):
+            return "admin"
+        return None
+
+
+router = Router(auth=AdminToken(), tags=["Management"])
+ERRORS: dict[int, type[Schema]] = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut}
+
+
+def _set_fields(payload: Schema) -> dict[str, Any]:
+    return payload.model_dump(exclude_unset=True)
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def _check_provider_model(fields: dict[str, Any]) -> None:
+    if "provider_model" in fields:
+        try:
+            split_provider(fields["provider_model"])
+        except ValueError as exc:
+            raise invalid_request(str(exc), param="provider_model") from None
+
+
+def _deployment(model_id: str) -> ModelDeployment:
+    try:
+        return get_object_or_404(ModelDeployment, public_id=model_id)
+    except Exception as exc:
+        if isinstance(exc, GatewayError):
+            raise
+        raise GatewayError(f"No model deployment with id {model_id!r}.", 404, code="not_found") from None
+
+
+@router.post("/models", response={201: ModelOut, **ERRORS}, summary="Add a model deployment")
+def model_create(request: HttpRequest, payload: ModelIn) -> tuple[int, ModelOut]:
+    fields = _set_fields(payload)
+    _check_provider_model(fields)
+    deployment = services.deployment_create(**fields)
+    return 201, ModelOut.of(deployment)
+
+
+@router.get("/models", response=Page[ModelOut], summary="List model deployments")
+def model_list(request: HttpRequest, page: Query[PageParams], name: str | None = None) -> Any:
+    rows = ModelDeployment.objects.all()
+    if name:
+        rows = rows.filter(name=name)
+    return page.of(rows, ModelOut.of)
+
+
+@router.get("/models/{model_id}", response={200: ModelOut, **ERRORS})
+def model_get(request: HttpRequest, model_id: str) -> ModelOut:
+    return ModelOut.of(_deployment(model_id))
+
+
+@router.api_operation(["PATCH", "PUT"], "/models/{model_id}", response={200: ModelOut, **ERRORS})
+def model_update(request: HttpRequest, model_id: str, payload: ModelPatch) -> ModelOut:
+    fields = _set_fields(payload)
+    _check_provider_model(fields)
+    return ModelOut.of(services.deployment_update(deployment=_deployment(model_id), **fields))
+
+
+@router.delete("/models/{model_id}", response={204: None, **ERRORS})
+def model_delete(request: HttpRequest, model_id: str) -> tuple[int, None]:
+    services.deployment_delete(deployment=_deployment(model_id))
+    return 204, None
+
+
+# --- teams -------------------------------------------------------------------------------------
+
+
+def _team(team_id: int) -> Team:
+    team = Team.objects.filter(id=team_id).first()
+    if team is None:
+        raise GatewayError(f"No team with id {team_id}.", 404, code="not_found", param="team_id")
+    return team
+
+
+def _team_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    if "budget_usd" in fields:
+        fields["budget_micro_usd"] = services.money_to_micro(fields.pop("budget_usd"))
+    if "markup_percent" in fields and fields["markup_percent"] is None:
+        fields.pop("markup_percent")
+    for name in ("budget_period", "timezone", "alert_thresholds", "metadata", "name"):
+        if name in fields and fields[name] is None:
+            raise invalid_request(f"'{name}' cannot be null.", param=name)
+    return fields
+
+
+@router.post("/teams", response={201: TeamOut, **ERRORS}, summary="Create a team")
+def team_create(request: HttpRequest, payload: TeamIn) -> tuple[int, TeamOut]:
+    team = services.team_create(**_team_fields(_set_fields(payload)))
+    return 201, TeamOut.of(team)
+
+
+@router.get("/teams", response=Page[TeamOut])
+def team_list(request: HttpRequest, page: Query[PageParams]) -> Any:
+    return page.of(Team.objects.all(), TeamOut.of)
+
+
+@router.get("/teams/{team_id}", response={200: TeamOut, **ERRORS})
+def team_get(request: HttpRequest, team_id: int) -> TeamOut:
+    return TeamOut.of(_team(team_id))
+
+
+@router.api_operation(["PATCH", "PUT"], "/teams/{team_id}", response={200: TeamOut, **ERRORS})
+def team_update(request: HttpRequest, team_id: int, payload: TeamPatch) -> TeamOut:
+    team = services.team_update(team=_team(team_id), **_team_fields(_set_fields(payload)))
+    return TeamOut.of(team)
+
+
+@router.delete("/teams/{team_id}", response={204: None, **ERRORS})
+def team_delete(request: HttpRequest, team_id: int) -> tuple[int, None]:
+    services.team_delete(team=_team(team_id))
+    return 204, None
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def _keys() -> Any:
+    newest = KeySecret.objects.order_by("-created_at")
+    return VirtualKey.objects.prefetch_related(Prefetch("secrets", queryset=newest))
+
+
+def _key(key_id: int) -> VirtualKey:
+    key = _keys().filter(id=key_id).first()
+    if key is None:
+        raise GatewayError(f"No key with id {key_id}.", 404, code="not_found")
+    return key
+
+
+def _key_out(key: VirtualKey) -> KeyOut:
+    secrets = list(key.secrets.all())
+    return KeyOut.of(key, secrets[0] if secrets else None)
+
+
+def _key_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    if "models" in fields:
+        fields["allowed_models"] = list(dict.fromkeys(fields.pop("models") or []))
+    if "max_budget_usd" in fields:
+        fields["max_budget_micro_usd"] = services.money_to_micro(fields.pop("max_budget_usd"))
+    for name in ("budget_period", "metadata", "name"):
+        if name in fields and fields[name] is None:
+            raise invalid_request(f"'{name}' cannot be null.", param=name)
+    return fields
+
+
+@router.post("/keys", response={201: KeyCreatedOut, **ERRORS}, summary="Issue a virtual key")
+def key_create(request: HttpRequest, payload: KeyIn) -> tuple[int, KeyCreatedOut]:
+    fields = _set_fields(payload)
+    team = _team(fields.pop("team_id"))
+    issued = services.key_create(team=team, **_key_fields(fields))
+    out = _key_out(_key(issued.key.id))
+    return 201, KeyCreatedOut(**out.model_dump(), key=issued.secret)
+
+
+class KeyFilter(Schema):
+    team_id: int | None = None
+    revoked: bool | None = None
+
+
+@router.get("/keys", response=Page[KeyOut], summary="List keys (never their secrets)")
+def key_list(request: HttpRequest, page: Query[PageParams], filters: Query[KeyFilter]) -> Any:
+    keys = _keys()
+    if filters.team_id is not None:
+        keys = keys.filter(team_id=filters.team_id)
+    if filters.revoked is not None:
+        keys = keys.filter(revoked_at__isnull=not filters.revoked)
+    return page.of(keys, _key_out)
+
+
+@router.get("/keys/{key_id}", response={200: KeyOut, **ERRORS})
+def key_get(request: HttpRequest, key_id: int) -> KeyOut:
+    return _key_out(_key(key_id))
+
+
+@router.api_operation(["PATCH", "PUT"], "/keys/{key_id}", response={200: KeyOut, **ERRORS})
+def key_update(request: HttpRequest, key_id: int, payload: KeyPatch) -> KeyOut:
+    key = services.key_update(key=_key(key_id), **_key_fields(_set_fields(payload)))
+    return _key_out(_key(key.id))
+
+
+@router.delete("/keys/{key_id}", response={200: KeyOut, **ERRORS}, summary="Revoke a key")
+def key_revoke(request: HttpRequest, key_id: int) -> KeyOut:
+    key = services.key_revoke(key=_key(key_id))
+    return _key_out(_key(key.id))
+
+
+@router.post("/keys/{key_id}/rotate", response={201: KeyCreatedOut, **ERRORS}, summary="Rotate a key")
+def key_rotate(request: HttpRequest, key_id: int, payload: RotateIn | None = None) -> tuple[int, KeyCreatedOut]:
+    grace = payload.grace_period_seconds if payload else 0
+    issued = services.key_rotate(key=_key(key_id), grace_seconds=grace)
+    out = _key_out(_key(issued.key.id))
+    return 201, KeyCreatedOut(**out.model_dump(), key=issued.secret)

@@ -1,0 +1,129 @@
+"""Virtual-key authentication for the data plane.
+
+The lookup is cached per process for GATEWAY_KEY_CACHE_SECONDS, so a busy key costs
+one indexed query per process per interval, and a revocation reaches every process
+within that interval. Unknown secrets are cached too, so a flood of bad keys cannot
+turn into a flood of queries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.conf import settings
+from django.http import HttpRequest
+from django.utils import timezone
+
+from gateway import errors
+from gateway.crypto import hash_key_secret
+from gateway.db import run_db
+from gateway.models import KeySecret
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPrincipal:
+    """Everything the hot path needs to know about a caller, in one cached object."""
+
+    key_id: int
+    key_public_id: str
+    key_name: str
+    team_id: int
+    team_name: str
+    allowed_models: frozenset[str]  # empty: every model
+    key_expires_at: datetime | None
+    secret_expires_at: datetime | None
+    revoked: bool
+    key_budget_micro_usd: int | None
+    key_budget_period: str
+    key_rpm_limit: int | None
+    key_tpm_limit: int | None
+    team_budget_micro_usd: int | None
+    team_budget_period: str
+    team_timezone: str
+    team_rpm_limit: int | None
+    team_tpm_limit: int | None
+    markup_percent: Decimal
+
+    def may_use(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+
+_MAX_ENTRIES = 50_000
+_cache: dict[str, tuple[KeyPrincipal | None, float]] = {}
+
+
+def clear_key_cache() -> None:
+    _cache.clear()
+
+
+def _load(secret_hash: str) -> KeyPrincipal | None:
+    row = (
+        KeySecret.objects.select_related("key", "key__team")
+        .filter(secret_hash=secret_hash)
+        .first()
+    )
+    if row is None:
+        return None
+    key, team = row.key, row.key.team
+    return KeyPrincipal(
+        key_id=key.id,
+        key_public_id=str(key.public_id),
+        key_name=key.name,
+        team_id=team.id,
+        team_name=team.name,
+        allowed_models=frozenset(key.allowed_models or ()),
+        key_expires_at=key.expires_at,
+        secret_expires_at=row.expires_at,
+        revoked=key.revoked_at is not None,
+        key_budget_micro_usd=key.max_budget_micro_usd,
+        key_budget_period=key.budget_period,
+        key_rpm_limit=key.rpm_limit,
+        key_tpm_limit=key.tpm_limit,
+        team_budget_micro_usd=team.budget_micro_usd,
+        team_budget_period=team.budget_period,
+        team_timezone=team.timezone,
+        team_rpm_limit=team.rpm_limit,
+        team_tpm_limit=team.tpm_limit,
+        markup_percent=team.markup_percent,
+    )
+
+
+def secret_from_request(request: HttpRequest) -> str | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    api_key = request.headers.get("x-api-key")
+    return api_key.strip() if api_key else None
+
+
+async def authenticate(request: HttpRequest) -> KeyPrincipal:
+    secret = secret_from_request(request)
+    if not secret:
+        raise errors.missing_key()
+    if not secret.startswith(settings.GATEWAY_KEY_PREFIX) or len(secret) > 200:
+        raise errors.invalid_key()
+    secret_hash = hash_key_secret(secret)
+    now_mono = time.monotonic()
+    cached = _cache.get(secret_hash)
+    if cached is not None and now_mono - cached[1] < settings.GATEWAY_KEY_CACHE_SECONDS:
+        principal = cached[0]
+    else:
+        principal = await run_db(_load, secret_hash)
+        if len(_cache) >= _MAX_ENTRIES:
+            _cache.clear()
+        _cache[secret_hash] = (principal, now_mono)
+    if principal is None:
+        raise errors.invalid_key()
+    if principal.revoked:
+        raise errors.invalid_key("This API key has been revoked.")
+    now = timezone.now()
+    if principal.key_expires_at is not None and principal.key_expires_at <= now:
+        raise errors.invalid_key("This API key has expired.")
+    if principal.secret_expires_at is not None and principal.secret_expires_at <= now:
+        raise errors.invalid_key("This API key was rotated and its grace period has ended.")
+    return principal

@@ -1,0 +1,72 @@
+"""Middleware shared by every part of the site. Pure async: no thread hop per request."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from django.http import HttpRequest, HttpResponse
+from django.utils.decorators import sync_and_async_middleware
+
+from gateway.errors import GatewayError, dialect_for_path
+
+_API_PREFIXES = ("/v1/", "/api/", "/health/")
+
+
+def _as_api_error(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    """Turn a framework error page (404, 405, 500…) on an API path into our JSON shape."""
+    status = response.status_code
+    messages = {
+        404: f"Unknown route {request.method} {request.path}; see /api/docs for the API.",
+        405: f"Method {request.method} is not allowed on {request.path}.",
+    }
+    error = GatewayError(
+        messages.get(status, "The gateway failed to handle this request; it has been logged."),
+        status,
+        "invalid_request_error" if status < 500 else "server_error",
+        {404: "not_found", 405: "method_not_allowed"}.get(status, "internal_error"),
+    )
+    dialect = dialect_for_path(request.path)
+    body = error.anthropic_body() if dialect == "anthropic" else error.openai_body()
+    replacement = HttpResponse(orjson.dumps(body), status=status, content_type="application/json")
+    if status == 405 and response.has_header("Allow"):
+        replacement["Allow"] = response["Allow"]
+    return replacement
+
+
+def _finish(request: HttpRequest, response: HttpResponse, request_id: str) -> HttpResponse:
+    if (
+        response.status_code >= 400
+        and request.path.startswith(_API_PREFIXES)
+        and not response.get("content-type", "").startswith("application/json")
+    ):
+        response = _as_api_error(request, response)
+    response["x-request-id"] = request_id
+    return response
+
+
+@sync_and_async_middleware
+def RequestIdMiddleware(  # noqa: N802 - Django middleware factories are named like classes
+    get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]],
+) -> Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]:
+    """Gives every request an id, echoed as `x-request-id` on every response."""
+    from asgiref.sync import iscoroutinefunction
+
+    if iscoroutinefunction(get_response):
+
+        async def middleware(request: HttpRequest) -> HttpResponse:
+            request_id = f"req_{uuid.uuid4().hex}"
+            request.request_id = request_id  # type: ignore[attr-defined]
+            response = await get_response(request)  # type: ignore[misc]
+            return _finish(request, response, request_id)
+
+        return middleware
+
+    def sync_middleware(request: HttpRequest) -> HttpResponse:
+        request_id = f"req_{uuid.uuid4().hex}"
+        request.request_id = request_id  # type: ignore[attr-defined]
+        response = get_response(request)
+        return _finish(request, response, request_id)  # type: ignore[arg-type]
+
+    return sync_middleware

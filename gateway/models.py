@@ -1,0 +1,164 @@
+"""Tables owned by the data plane: teams, virtual keys and model deployments.
+
+Money limits are stored as integer micro-USD (1 USD = 1_000_000), never floats.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.db import models
+
+
+class BudgetPeriod(models.TextChoices):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+    # A one-off prepaid credit that never resets.
+    TOTAL = "total"
+
+
+class Team(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    # Optional budget for each period, in micro-USD.
+    budget_micro_usd = models.BigIntegerField(null=True, blank=True)
+    budget_period = models.CharField(
+        max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY
+    )
+    # Budget periods align to the calendar in this IANA timezone.
+    timezone = models.CharField(max_length=64, default="UTC")
+    # Percentages of the budget at which an alert is recorded, e.g. [50, 80, 100].
+    alert_thresholds = models.JSONField(default=list, blank=True)
+    # Applied to list cost to get the charged cost; negative for a discount.
+    markup_percent = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("0"))
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class VirtualKey(models.Model):
+    """A key developers put in their SDK. Its secrets live in KeySecret, hashed."""
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="keys")
+    name = models.CharField(max_length=200)
+    # Public model names this key may call; empty means every configured model.
+    allowed_models = models.JSONField(default=list, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    max_budget_micro_usd = models.BigIntegerField(null=True, blank=True)
+    budget_period = models.CharField(
+        max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY
+    )
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["team", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.team_id})"
+
+
+class KeySecret(models.Model):
+    """One valid secret of a virtual key.
+
+    Only a SHA-256 of the secret is kept (secrets carry 256 random bits, so a fast
+    hash is enough). Rotation adds a new secret and gives the old one an expiry,
+    which is the grace period during which both work.
+    """
+
+    key = models.ForeignKey(VirtualKey, on_delete=models.CASCADE, related_name="secrets")
+    secret_hash = models.CharField(max_length=64, unique=True)
+    last4 = models.CharField(max_length=4)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+class RoutingStrategy(models.TextChoices):
+    SIMPLE_SHUFFLE = "simple-shuffle"
+    LEAST_BUSY = "least-busy"
+    LATENCY_BASED = "latency-based-routing"
+    COST_BASED = "cost-based-routing"
+
+
+class ModelDeployment(models.Model):
+    """One way to serve a public model name: a provider model behind an api_base.
+
+    Several deployments may share a public `name`; the router balances between them.
+    Prices are USD per 1M tokens; when left empty, litellm's bundled price map for
+    `provider_model` applies.
+    """
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    name = models.CharField(max_length=200, db_index=True)
+    provider_model = models.CharField(max_length=300)
+    api_base = models.CharField(max_length=500, blank=True, default="")
+    # Fernet token of the provider api key (see gateway.crypto); never shown again.
+    api_key_encrypted = models.TextField(blank=True, default="")
+    api_version = models.CharField(max_length=64, blank=True, default="")
+    input_cost_per_million = models.DecimalField(
+        max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    output_cost_per_million = models.DecimalField(
+        max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    cached_input_cost_per_million = models.DecimalField(
+        max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    cache_write_cost_per_million = models.DecimalField(
+        max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    reasoning_cost_per_million = models.DecimalField(
+        max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    context_length = models.PositiveIntegerField(null=True, blank=True)
+    max_output_tokens = models.PositiveIntegerField(null=True, blank=True)
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
+    tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
+    weight = models.PositiveIntegerField(default=1)
+    priority = models.PositiveIntegerField(null=True, blank=True)
+    timeout_seconds = models.FloatField(null=True, blank=True)
+    # Per-model parameter policy: drop parameters the provider does not support
+    # instead of refusing them with a 400. Off by default: nothing is dropped silently.
+    drop_unsupported_params = models.BooleanField(default=False)
+    # Capability overrides (function_calling, vision, streaming, structured_output).
+    capabilities = models.JSONField(default=dict, blank=True)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} -> {self.provider_model}"
+
+
+class ConfigVersion(models.Model):
+    """A single row whose token changes on every routing-configuration change.
+
+    Each process compares it with the token its router was built from, and rebuilds
+    when they differ. A random token (not a counter) stays unambiguous even if the
+    table is emptied and refilled.
+    """
+
+    singleton = models.BooleanField(default=True, unique=True)
+    token = models.CharField(max_length=32)
+    changed_at = models.DateTimeField(auto_now=True)

@@ -1,0 +1,248 @@
+"""The routing table: deployments from the database, and the litellm Router over them.
+
+Built once per process and rebuilt only when the configuration token changes
+(checked at most every GATEWAY_CONFIG_POLL_SECONDS), so a model added in the admin
+reaches every process without a restart and no request pays for a rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import litellm
+from django.conf import settings
+
+from billing.pricing import ZERO, Prices, per_million_from_per_token
+from gateway.crypto import decrypt_secret
+from gateway.db import run_db
+from gateway.models import ConfigVersion, ModelDeployment
+
+logger = logging.getLogger(__name__)
+
+# We keep our own ledger and never want litellm's callbacks, telemetry or
+# per-call cost lookups beyond what we ask for.
+litellm.telemetry = False
+litellm.suppress_debug_info = True
+litellm.drop_params = False
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: str
+    name: str
+    provider_model: str
+    provider: str
+    # The model name as the provider knows it (provider prefix removed).
+    upstream_model: str
+    api_base: str
+    api_key: str = field(repr=False)
+    api_version: str
+    timeout_seconds: float
+    prices: Prices
+    context_length: int | None
+    max_output_tokens: int | None
+    capabilities: dict[str, bool]
+    drop_unsupported_params: bool
+    mode: str
+
+
+@dataclass
+class RoutingTable:
+    token: str
+    router: Any  # litellm.Router, or None when nothing is configured
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    groups: dict[str, list[Deployment]] = field(default_factory=dict)
+    # Public model name → when its first deployment was created (epoch seconds).
+    created: dict[str, int] = field(default_factory=dict)
+
+    def group(self, name: str) -> list[Deployment]:
+        return self.groups.get(name, [])
+
+    def max_prices(self, name: str) -> Prices:
+        """The highest price of each kind across a group: what admission reserves at."""
+        members = self.group(name)
+        if not members:
+            return Prices(ZERO, ZERO, ZERO, ZERO, ZERO)
+        return Prices(
+            input=max(d.prices.input for d in members),
+            output=max(d.prices.output for d in members),
+            cached_input=max(d.prices.cached_input for d in members),
+            cache_write=max(d.prices.cache_write for d in members),
+            reasoning=max(d.prices.reasoning for d in members),
+        )
+
+    def max_output_tokens(self, name: str) -> int | None:
+        limits = [d.max_output_tokens for d in self.group(name) if d.max_output_tokens]
+        return max(limits) if limits else None
+
+
+def split_provider(provider_model: str) -> tuple[str, str]:
+    """('openai', 'gpt-4o-mini') for 'openai/gpt-4o-mini'; raises ValueError if unknown."""
+    try:
+        model, provider, _, _ = litellm.get_llm_provider(provider_model)
+    except Exception as exc:
+        raise ValueError(
+            f"{provider_model!r} is not a model litellm can route; use the 'provider/model' "
+            "form, e.g. 'openai/gpt-4o-mini' or 'anthropic/claude-3-5-haiku-20241022'."
+        ) from exc
+    return provider, model
+
+
+def _price_map_entry(provider_model: str, provider: str, model: str) -> dict[str, Any]:
+    for candidate in (provider_model, model, f"{provider}/{model}"):
+        entry = litellm.model_cost.get(candidate)
+        if entry:
+            return dict(entry)
+    return {}
+
+
+def _pick(override: Decimal | None, fallback: Decimal | None) -> Decimal:
+    if override is not None:
+        return override
+    return fallback if fallback is not None else ZERO
+
+
+def snapshot(row: ModelDeployment) -> Deployment:
+    provider, model = split_provider(row.provider_model)
+    entry = _price_map_entry(row.provider_model, provider, model)
+    input_price = _pick(row.input_cost_per_million, per_million_from_per_token(entry.get("input_cost_per_token")))
+    output_price = _pick(row.output_cost_per_million, per_million_from_per_token(entry.get("output_cost_per_token")))
+    prices = Prices(
+        input=input_price,
+        output=output_price,
+        cached_input=_pick(
+            row.cached_input_cost_per_million,
+            per_million_from_per_token(entry.get("cache_read_input_token_cost")) or input_price,
+        ),
+        cache_write=_pick(
+            row.cache_write_cost_per_million,
+            per_million_from_per_token(entry.get("cache_creation_input_token_cost")) or input_price,
+        ),
+        reasoning=_pick(
+            row.reasoning_cost_per_million,
+            per_million_from_per_token(entry.get("output_cost_per_reasoning_token")) or output_price,
+        ),
+    )
+    capabilities = {
+        "function_calling": bool(entry.get("supports_function_calling", True)),
+        "vision": bool(entry.get("supports_vision", False)),
+        "streaming": True,
+        "structured_output": bool(entry.get("supports_response_schema", True)),
+    }
+    capabilities.update({k: bool(v) for k, v in (row.capabilities or {}).items()})
+    return Deployment(
+        id=str(row.public_id),
+        name=row.name,
+        provider_model=row.provider_model,
+        provider=provider,
+        upstream_model=model,
+        api_base=row.api_base,
+        api_key=decrypt_secret(row.api_key_encrypted),
+        api_version=row.api_version,
+        timeout_seconds=row.timeout_seconds or settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
+        prices=prices,
+        context_length=row.context_length or entry.get("max_input_tokens"),
+        max_output_tokens=row.max_output_tokens or entry.get("max_output_tokens"),
+        capabilities=capabilities,
+        drop_unsupported_params=row.drop_unsupported_params,
+        mode=str(entry.get("mode") or ("embedding" if "embed" in row.provider_model else "chat")),
+    )
+
+
+def _litellm_entry(row: ModelDeployment, deployment: Deployment) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": row.provider_model,
+        # litellm's OpenAI client insists on some key, even for local servers without auth.
+        "api_key": deployment.api_key or "no-key",
+        "timeout": deployment.timeout_seconds,
+        "weight": row.weight,
+        "drop_params": row.drop_unsupported_params,
+        "max_retries": 0,
+    }
+    if row.api_base:
+        params["api_base"] = row.api_base
+    if row.api_version:
+        params["api_version"] = row.api_version
+    if row.rpm_limit:
+        params["rpm"] = row.rpm_limit
+    if row.tpm_limit:
+        params["tpm"] = row.tpm_limit
+    if row.priority is not None:
+        params["order"] = row.priority
+    return {
+        "model_name": row.name,
+        "litellm_params": params,
+        "model_info": {"id": deployment.id},
+    }
+
+
+def _load_rows() -> tuple[str, list[ModelDeployment]]:
+    version = ConfigVersion.objects.filter(singleton=True).values_list("token", flat=True).first()
+    rows = list(ModelDeployment.objects.filter(enabled=True).order_by("name", "id"))
+    return version or "", rows
+
+
+def _current_token() -> str:
+    return ConfigVersion.objects.filter(singleton=True).values_list("token", flat=True).first() or ""
+
+
+def build_table(token: str, rows: list[ModelDeployment]) -> RoutingTable:
+    table = RoutingTable(token=token, router=None)
+    model_list = []
+    for row in rows:
+        try:
+            deployment = snapshot(row)
+            entry = _litellm_entry(row, deployment)
+        except Exception:
+            # One broken deployment must not take every model down with it.
+            logger.exception("skipping deployment %s (%s)", row.public_id, row.name)
+            continue
+        table.deployments[deployment.id] = deployment
+        table.groups.setdefault(deployment.name, []).append(deployment)
+        created = int(row.created_at.timestamp())
+        table.created[deployment.name] = min(table.created.get(deployment.name, created), created)
+        model_list.append(entry)
+    if model_list:
+        table.router = litellm.Router(
+            model_list=model_list,
+            routing_strategy="simple-shuffle",
+            num_retries=0,
+            timeout=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
+            set_verbose=False,
+        )
+    return table
+
+
+class RoutingTableHolder:
+    def __init__(self) -> None:
+        self._table: RoutingTable | None = None
+        self._checked_at = 0.0
+        self._lock: asyncio.Lock | None = None
+
+    def invalidate(self) -> None:
+        self._checked_at = 0.0
+
+    async def get(self) -> RoutingTable:
+        now = time.monotonic()
+        table = self._table
+        if table is not None and now - self._checked_at < settings.GATEWAY_CONFIG_POLL_SECONDS:
+            return table
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._table is not None and time.monotonic() - self._checked_at < settings.GATEWAY_CONFIG_POLL_SECONDS:
+                return self._table
+            token = await run_db(_current_token)
+            if self._table is None or token != self._table.token:
+                token, rows = await run_db(_load_rows)
+                self._table = build_table(token, rows)
+            self._checked_at = time.monotonic()
+            return self._table
+
+
+routing_tables = RoutingTableHolder()

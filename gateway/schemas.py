@@ -1,0 +1,314 @@
+"""Schemas of the management API. Money is a decimal string in USD ("12.500000")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from collections.abc import Callable
+from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ninja import Field, Schema
+from pydantic import field_validator
+
+from billing.pricing import micro_usd_to_str
+from gateway.models import KeySecret, ModelDeployment, Team, VirtualKey
+
+Period = Literal["daily", "weekly", "monthly", "total"]
+Money = Decimal
+
+
+def _non_negative(value: Decimal | None, name: str) -> Decimal | None:
+    if value is not None and (value < 0 or not value.is_finite()):
+        raise ValueError(f"{name} must be 0 or more")
+    return value
+
+
+def _money_out(micro: int | None) -> str | None:
+    return None if micro is None else micro_usd_to_str(micro)
+
+
+def _price_out(value: Decimal | None) -> str | None:
+    return None if value is None else format(value.normalize(), "f")
+
+
+T = TypeVar("T")
+
+
+class Page(Schema, Generic[T]):
+    items: list[T]
+    count: int
+    limit: int
+    offset: int
+
+
+class PageParams(Schema):
+    limit: int = Field(100, ge=1, le=500)
+    offset: int = Field(0, ge=0)
+
+    def of(self, queryset: Any, shape: Callable[[Any], T]) -> dict[str, Any]:
+        """One page of a queryset: only `limit` rows are fetched, plus a count."""
+        rows = queryset[self.offset : self.offset + self.limit]
+        return {
+            "items": [shape(row) for row in rows],
+            "count": queryset.count(),
+            "limit": self.limit,
+            "offset": self.offset,
+        }
+
+
+class ErrorDetail(Schema):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorOut(Schema):
+    error: ErrorDetail
+
+
+# --- models (deployments) ----------------------------------------------------------------------
+
+_PRICE_FIELDS = (
+    "input_cost_per_million",
+    "output_cost_per_million",
+    "cached_input_cost_per_million",
+    "cache_write_cost_per_million",
+    "reasoning_cost_per_million",
+)
+
+
+class ModelPatch(Schema):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    provider_model: str | None = Field(None, min_length=3, max_length=300)
+    api_base: str | None = Field(None, max_length=500)
+    api_key: str | None = Field(None, max_length=4000)
+    api_version: str | None = Field(None, max_length=64)
+    input_cost_per_million: Decimal | None = None
+    output_cost_per_million: Decimal | None = None
+    cached_input_cost_per_million: Decimal | None = None
+    cache_write_cost_per_million: Decimal | None = None
+    reasoning_cost_per_million: Decimal | None = None
+    context_length: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1)
+    rpm_limit: int | None = Field(None, ge=1)
+    tpm_limit: int | None = Field(None, ge=1)
+    weight: int | None = Field(None, ge=0)
+    priority: int | None = Field(None, ge=0)
+    timeout_seconds: float | None = Field(None, gt=0, le=3600)
+    drop_unsupported_params: bool | None = None
+    capabilities: dict[str, bool] | None = None
+    enabled: bool | None = None
+
+    @field_validator(*_PRICE_FIELDS)
+    @classmethod
+    def _prices(cls, value: Decimal | None) -> Decimal | None:
+        return _non_negative(value, "a price")
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str | None) -> str | None:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("api_base must be an http(s) URL such as https://api.openai.com/v1")
+        return value
+
+
+class ModelIn(ModelPatch):
+    name: str = Field(..., min_length=1, max_length=200)  # type: ignore[assignment]
+    provider_model: str = Field(..., min_length=3, max_length=300)  # type: ignore[assignment]
+
+
+class ModelOut(Schema):
+    id: str
+    name: str
+    provider_model: str
+    api_base: str
+    has_api_key: bool
+    api_version: str
+    input_cost_per_million: str | None
+    output_cost_per_million: str | None
+    cached_input_cost_per_million: str | None
+    cache_write_cost_per_million: str | None
+    reasoning_cost_per_million: str | None
+    context_length: int | None
+    max_output_tokens: int | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    weight: int
+    priority: int | None
+    timeout_seconds: float | None
+    drop_unsupported_params: bool
+    capabilities: dict[str, Any]
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @staticmethod
+    def of(row: ModelDeployment) -> ModelOut:
+        return ModelOut(
+            id=str(row.public_id),
+            name=row.name,
+            provider_model=row.provider_model,
+            api_base=row.api_base,
+            has_api_key=bool(row.api_key_encrypted),
+            api_version=row.api_version,
+            **{name: _price_out(getattr(row, name)) for name in _PRICE_FIELDS},
+            context_length=row.context_length,
+            max_output_tokens=row.max_output_tokens,
+            rpm_limit=row.rpm_limit,
+            tpm_limit=row.tpm_limit,
+            weight=row.weight,
+            priority=row.priority,
+            timeout_seconds=row.timeout_seconds,
+            drop_unsupported_params=row.drop_unsupported_params,
+            capabilities=row.capabilities,
+            enabled=row.enabled,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+# --- teams -----------------------------------------------------------------------------------------
+
+
+class TeamPatch(Schema):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    budget_usd: Money | None = None
+    budget_period: Period | None = None
+    timezone: str | None = Field(None, max_length=64)
+    alert_thresholds: list[int] | None = None
+    markup_percent: Decimal | None = Field(None, ge=-100, le=1000)
+    rpm_limit: int | None = Field(None, ge=1)
+    tpm_limit: int | None = Field(None, ge=1)
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("budget_usd")
+    @classmethod
+    def _budget(cls, value: Decimal | None) -> Decimal | None:
+        return _non_negative(value, "budget_usd")
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not an IANA timezone such as 'Europe/Paris'") from None
+        return value
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _thresholds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if any(t <= 0 or t > 1000 for t in value):
+                raise ValueError("alert_thresholds are percentages from 1 to 1000, e.g. [50, 80, 100]")
+            return sorted(set(value))
+        return value
+
+
+class TeamIn(TeamPatch):
+    name: str = Field(..., min_length=1, max_length=200)  # type: ignore[assignment]
+
+
+class TeamOut(Schema):
+    id: int
+    name: str
+    budget_usd: str | None
+    budget_period: str
+    timezone: str
+    alert_thresholds: list[int]
+    markup_percent: str
+    rpm_limit: int | None
+    tpm_limit: int | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+    @staticmethod
+    def of(team: Team) -> TeamOut:
+        return TeamOut(
+            id=team.id,
+            name=team.name,
+            budget_usd=_money_out(team.budget_micro_usd),
+            budget_period=team.budget_period,
+            timezone=team.timezone,
+            alert_thresholds=list(team.alert_thresholds or []),
+            markup_percent=format(team.markup_percent, "f"),
+            rpm_limit=team.rpm_limit,
+            tpm_limit=team.tpm_limit,
+            metadata=team.metadata,
+            created_at=team.created_at,
+        )
+
+
+# --- keys ----------------------------------------------------------------------------------------------
+
+
+class KeyPatch(Schema):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    models: list[str] | None = None
+    expires_at: datetime | None = None
+    metadata: dict[str, Any] | None = None
+    max_budget_usd: Money | None = None
+    budget_period: Period | None = None
+    rpm_limit: int | None = Field(None, ge=1)
+    tpm_limit: int | None = Field(None, ge=1)
+
+    @field_validator("max_budget_usd")
+    @classmethod
+    def _budget(cls, value: Decimal | None) -> Decimal | None:
+        return _non_negative(value, "max_budget_usd")
+
+
+class KeyIn(KeyPatch):
+    team_id: int
+    name: str = Field(..., min_length=1, max_length=200)  # type: ignore[assignment]
+
+
+class RotateIn(Schema):
+    grace_period_seconds: int = Field(0, ge=0, le=30 * 24 * 3600)
+
+
+class KeyOut(Schema):
+    id: int
+    team_id: int
+    name: str
+    key_hint: str
+    models: list[str]
+    expires_at: datetime | None
+    revoked: bool
+    revoked_at: datetime | None
+    metadata: dict[str, Any]
+    max_budget_usd: str | None
+    budget_period: str
+    rpm_limit: int | None
+    tpm_limit: int | None
+    created_at: datetime
+
+    @staticmethod
+    def of(key: VirtualKey, newest: KeySecret | None = None) -> KeyOut:
+        last4 = newest.last4 if newest else "????"
+        return KeyOut(
+            id=key.id,
+            team_id=key.team_id,
+            name=key.name,
+            key_hint=f"sk-gw-…{last4}",
+            models=list(key.allowed_models or []),
+            expires_at=key.expires_at,
+            revoked=key.revoked_at is not None,
+            revoked_at=key.revoked_at,
+            metadata=key.metadata,
+            max_budget_usd=_money_out(key.max_budget_micro_usd),
+            budget_period=key.budget_period,
+            rpm_limit=key.rpm_limit,
+            tpm_limit=key.tpm_limit,
+            created_at=key.created_at,
+        )
+
+
+class KeyCreatedOut(KeyOut):
+    key: str = Field(..., description="The secret. Shown this once only; store it now.")

@@ -1,0 +1,337 @@
+"""Calling a provider, on one of two paths that answer identically.
+
+- Upstreams that already speak OpenAI's dialect get the request body forwarded
+  over a pooled HTTP client and their response bytes passed back untouched: no
+  re-validation, no per-chunk re-serialisation. Usage is read from the JSON body
+  or from the final SSE chunk.
+- Every other provider goes through litellm, which translates the dialect; its
+  objects are serialised once into the same OpenAI shape.
+
+Both raise `UpstreamError` with the provider's status, so retries, fallbacks and
+error mapping above this module never need to know which path ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import litellm
+import orjson
+
+from gateway.routing import Deployment
+
+# Providers whose HTTP API is OpenAI's own shape, so bytes can pass straight through.
+PASSTHROUGH_PROVIDERS = frozenset({"openai", "hosted_vllm", "openai_like", "lm_studio"})
+OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+
+_SECRETISH = re.compile(
+    r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+|key[=:]\s*\S+|https?://\S+|\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b)",
+    re.IGNORECASE,
+)
+
+
+def sanitise(message: str, limit: int = 400) -> str:
+    """A provider's error message, minus credentials, URLs and addresses."""
+    cleaned = _SECRETISH.sub("[redacted]", message or "").strip()
+    return cleaned[:limit] if cleaned else "The provider returned an error."
+
+
+@dataclass
+class UpstreamError(Exception):
+    """A provider call that failed. `status` is the provider's (or 599 for no answer)."""
+
+    status: int
+    message: str
+    kind: str = "http"  # http | timeout | connection
+    retry_after: float | None = None
+    param: str | None = None
+    provider_code: str | None = None
+    # True when the provider may have generated (and billed) tokens before failing.
+    partial: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.kind}: {self.message}"
+
+
+@dataclass
+class JsonAnswer:
+    body: bytes
+    data: dict[str, Any]
+
+
+@dataclass
+class StreamHandle:
+    """SSE events from the provider, each a complete `data: …\\n\\n` frame."""
+
+    events: AsyncIterator[bytes]
+    close: Any = field(default=None)
+
+
+# --- the pooled HTTP client ---------------------------------------------------------
+
+_clients: dict[int, httpx.AsyncClient] = {}
+
+
+def _client() -> httpx.AsyncClient:
+    # One pool per event loop: a client must not be shared across loops.
+    loop_id = id(asyncio.get_running_loop())
+    client = _clients.get(loop_id)
+    if client is None:
+        client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            # Never follow redirects: a provider answering 30x must not be able to
+            # bounce the gateway (and its credentials) to another host.
+            follow_redirects=False,
+            trust_env=False,
+        )
+        _clients[loop_id] = client
+    return client
+
+
+def _timeout(deployment: Deployment) -> httpx.Timeout:
+    return httpx.Timeout(deployment.timeout_seconds, connect=min(10.0, deployment.timeout_seconds))
+
+
+def _url(deployment: Deployment, path: str) -> str:
+    base = (deployment.api_base or OPENAI_DEFAULT_BASE).rstrip("/")
+    return f"{base}/{path}"
+
+
+def _headers(deployment: Deployment) -> dict[str, str]:
+    headers = {"content-type": "application/json", "accept": "application/json"}
+    if deployment.api_key:
+        headers["authorization"] = f"Bearer {deployment.api_key}"
+    return headers
+
+
+def _retry_after(headers: httpx.Headers | dict[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    raw = headers.get("retry-after-ms")
+    if raw:
+        try:
+            return max(0.0, float(raw) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            return None
+    return None
+
+
+def _error_from_body(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    message, param, code = "", None, None
+    try:
+        data = orjson.loads(body)
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message") or "")
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+            code = str(error.get("code")) if error.get("code") is not None else None
+        elif isinstance(error, str):
+            message = error
+    except orjson.JSONDecodeError:
+        message = body[:200].decode("utf-8", "replace")
+    return UpstreamError(
+        status=status,
+        message=sanitise(message),
+        retry_after=_retry_after(headers),
+        param=param,
+        provider_code=code,
+    )
+
+
+def _transport_error(exc: Exception, *, partial: bool = False) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(504, "The provider did not answer in time.", "timeout", partial=partial)
+    return UpstreamError(
+        502, "The connection to the provider failed or was cut off.", "connection", partial=partial
+    )
+
+
+def passthrough_payload(deployment: Deployment, body: dict[str, Any]) -> dict[str, Any]:
+    payload = dict(body)
+    payload["model"] = deployment.upstream_model
+    return payload
+
+
+async def passthrough_json(deployment: Deployment, path: str, payload: dict[str, Any]) -> JsonAnswer:
+    try:
+        response = await _client().post(
+            _url(deployment, path),
+            content=orjson.dumps(payload),
+            headers=_headers(deployment),
+            timeout=_timeout(deployment),
+        )
+    except httpx.HTTPError as exc:
+        raise _transport_error(exc) from exc
+    if response.status_code >= 400:
+        raise _error_from_body(response.status_code, response.content, response.headers)
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(502, "The provider answered with malformed JSON.") from exc
+    if not isinstance(data, dict):
+        raise UpstreamError(502, "The provider answered with an unexpected JSON shape.")
+    return JsonAnswer(body=response.content, data=data)
+
+
+async def passthrough_stream(deployment: Deployment, path: str, payload: dict[str, Any]) -> StreamHandle:
+    client = _client()
+    request = client.build_request(
+        "POST",
+        _url(deployment, path),
+        content=orjson.dumps(payload),
+        headers={**_headers(deployment), "accept": "text/event-stream"},
+        timeout=_timeout(deployment),
+    )
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise _transport_error(exc) from exc
+    if response.status_code >= 400:
+        body = await response.aread()
+        await response.aclose()
+        raise _error_from_body(response.status_code, body, response.headers)
+
+    async def events() -> AsyncIterator[bytes]:
+        buffer = b""
+        try:
+            async for piece in response.aiter_raw():
+                buffer += piece
+                # Normalise CRLF framing from providers that use it.
+                if b"\r\n" in buffer:
+                    buffer = buffer.replace(b"\r\n", b"\n")
+                while True:
+                    cut = buffer.find(b"\n\n")
+                    if cut < 0:
+                        break
+                    event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                    if event.strip():
+                        yield event
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, partial=True) from exc
+        finally:
+            await response.aclose()
+        if buffer.strip():
+            yield buffer + b"\n\n"
+
+    return StreamHandle(events=events(), close=response.aclose)
+
+
+# --- the litellm path ------------------------------------------------------------------
+
+
+def _litellm_kwargs(deployment: Deployment) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": deployment.provider_model,
+        "timeout": deployment.timeout_seconds,
+        "drop_params": deployment.drop_unsupported_params,
+        "max_retries": 0,
+        "num_retries": 0,
+    }
+    if deployment.api_base:
+        kwargs["api_base"] = deployment.api_base
+    if deployment.api_key:
+        kwargs["api_key"] = deployment.api_key
+    if deployment.api_version:
+        kwargs["api_version"] = deployment.api_version
+    return kwargs
+
+
+_UNSUPPORTED = re.compile(r"does not support parameters:\s*\[([^\]]*)\]")
+
+
+def _from_litellm(exc: Exception, *, partial: bool = False) -> UpstreamError:
+    status = int(getattr(exc, "status_code", 0) or 0)
+    message = str(getattr(exc, "message", "") or exc)
+    if isinstance(exc, litellm.UnsupportedParamsError) or "UnsupportedParamsError" in type(exc).__name__:
+        match = _UNSUPPORTED.search(message)
+        names = [n.strip(" '\"") for n in match.group(1).split(",")] if match else []
+        listed = ", ".join(repr(n) for n in names) or "some parameters"
+        return UpstreamError(
+            400,
+            f"This model does not support {listed}; remove them, or ask an admin to enable "
+            "dropping unsupported parameters for this model.",
+            param=names[0] if names else None,
+            provider_code="unsupported_parameter",
+        )
+    if isinstance(exc, litellm.Timeout) or status == 408:
+        return UpstreamError(504, "The provider did not answer in time.", "timeout", partial=partial)
+    if isinstance(exc, litellm.APIConnectionError) and status in (0, 500):
+        return UpstreamError(502, "The connection to the provider failed.", "connection", partial=partial)
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    clean = re.sub(r"^litellm\.\w+:\s*(\w+Exception -\s*)?", "", message)
+    return UpstreamError(
+        status or 502,
+        sanitise(clean),
+        retry_after=_retry_after(headers) if headers is not None else None,
+        partial=partial,
+    )
+
+
+def _dump(obj: Any) -> dict[str, Any]:
+    data = obj.model_dump(exclude_none=False) if hasattr(obj, "model_dump") else dict(obj)
+    # litellm-internal bookkeeping that no OpenAI client expects.
+    for private in ("_hidden_params", "_response_ms"):
+        data.pop(private, None)
+    return data
+
+
+async def litellm_json(deployment: Deployment, endpoint: str, body: dict[str, Any]) -> JsonAnswer:
+    kwargs = {**body, **_litellm_kwargs(deployment)}
+    try:
+        if endpoint == "embeddings":
+            result = await litellm.aembedding(**kwargs)
+        else:
+            result = await litellm.acompletion(**kwargs)
+    except Exception as exc:
+        raise _from_litellm(exc) from exc
+    data = _dump(result)
+    return JsonAnswer(body=orjson.dumps(data), data=data)
+
+
+async def litellm_stream(deployment: Deployment, body: dict[str, Any]) -> StreamHandle:
+    kwargs = {**body, **_litellm_kwargs(deployment), "stream": True}
+    try:
+        stream = await litellm.acompletion(**kwargs)
+    except Exception as exc:
+        raise _from_litellm(exc) from exc
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield b"data: " + orjson.dumps(_dump(chunk)) + b"\n\n"
+        except Exception as exc:
+            raise _from_litellm(exc, partial=True) from exc
+        yield b"data: [DONE]\n\n"
+
+    return StreamHandle(events=events(), close=None)
+
+
+def is_passthrough(deployment: Deployment) -> bool:
+    return deployment.provider in PASSTHROUGH_PROVIDERS
+
+
+async def call_json(deployment: Deployment, endpoint: str, body: dict[str, Any]) -> JsonAnswer:
+    if is_passthrough(deployment):
+        path = "embeddings" if endpoint == "embeddings" else "chat/completions"
+        return await passthrough_json(deployment, path, passthrough_payload(deployment, body))
+    return await litellm_json(deployment, endpoint, body)
+
+
+async def open_stream(deployment: Deployment, body: dict[str, Any]) -> StreamHandle:
+    if is_passthrough(deployment):
+        return await passthrough_stream(
+            deployment, "chat/completions", passthrough_payload(deployment, body)
+        )
+    return await litellm_stream(deployment, body)
