@@ -22,6 +22,7 @@ key that has a budget or a rate limit (its own or its team's) is refused with 50
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import secrets
@@ -30,15 +31,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
 from django.conf import settings
 from django.db.models import Sum
 from django.http import HttpResponse
-from redis.exceptions import RedisError
 
+from billing import alerts
 from billing.models import LedgerEntry
 from billing.periods import Period, current_period
 from billing.pricing import Prices, max_cost_micro_usd, micro_usd_to_str
+from gateway import redis_client
 from gateway.db import run_db
 from gateway.errors import GatewayError
 
@@ -88,9 +89,15 @@ class Ticket:
 
     reservation_id: str
     amount: int
-    budget_keys: list[str]
+    budgets: list[Budget]
+    team_id: int = 0
+    thresholds: list[int] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+
+    @property
+    def budget_keys(self) -> list[str]:
+        return [b.redis_key for b in self.budgets]
 
 
 NO_TICKET_NEEDED = ""
@@ -315,7 +322,7 @@ local rid = ARGV[1]
 local actual = tonumber(ARGV[2])
 -- Settling twice (a retry after a lost reply) must not count the spend twice.
 if redis.call('SET', 'gw:res:done:' .. rid, '1', 'NX', 'EX', 86400) == false then
-  return 0
+  return {}
 end
 local v = redis.call('HGET', KEYS[2], rid)
 local amt = 0
@@ -324,6 +331,7 @@ if v then
   redis.call('HDEL', KEYS[2], rid)
   redis.call('ZREM', KEYS[1], rid)
 end
+local spent = {}
 for i = 3, #KEYS do
   -- A counter that does not exist will be filled from the ledger, which already
   -- holds this request's row; creating it here would count the spend twice.
@@ -331,12 +339,12 @@ for i = 3, #KEYS do
     if amt > 0 then
       redis.call('HINCRBY', KEYS[i], 'reserved', -amt)
     end
-    if actual > 0 then
-      redis.call('HINCRBY', KEYS[i], 'spent', actual)
-    end
+    table.insert(spent, redis.call('HINCRBY', KEYS[i], 'spent', actual))
+  else
+    table.insert(spent, -1)
   end
 end
-return 1
+return spent
 """
 
 _INIT_LUA = """
@@ -351,43 +359,32 @@ return 1
 
 
 class RedisBackend:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._clients: dict[int, tuple[aioredis.Redis, Any, Any, Any]] = {}
+    def __init__(self) -> None:
+        self._scripts: dict[int, tuple[Any, Any, Any]] = {}
 
-    def _client(self) -> tuple[aioredis.Redis, Any, Any, Any]:
-        loop_id = id(asyncio.get_running_loop())
-        entry = self._clients.get(loop_id)
+    def _script(self) -> tuple[Any, Any, Any]:
+        client = redis_client.client()
+        entry = self._scripts.get(id(client))
         if entry is None:
-            timeout = settings.REDIS_TIMEOUT_SECONDS
-            client = aioredis.Redis.from_url(
-                self.url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                max_connections=256,
-            )
             entry = (
-                client,
                 client.register_script(_ADMIT_LUA),
                 client.register_script(_SETTLE_LUA),
                 client.register_script(_INIT_LUA),
             )
-            self._clients[loop_id] = entry
+            self._scripts[id(client)] = entry
         return entry
 
     async def _guard(self, coro: Any) -> Any:
-        # socket_timeout bounds each read; wait_for also bounds a connect that
-        # succeeds into a stopped Redis and a pool that has no free connection.
         try:
-            return await asyncio.wait_for(coro, settings.REDIS_TIMEOUT_SECONDS * 2)
-        except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("redis unavailable for admission: %s", type(exc).__name__)
+            return await redis_client.guarded(coro)
+        except redis_client.RedisUnavailable as exc:
+            logger.warning("redis unavailable for admission: %s", exc)
             raise unavailable() from exc
 
     async def admit(
         self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
     ) -> list[Any]:
-        _, admit_script, _, init_script = self._client()
+        admit_script, _, init_script = self._script()
         keys = [RESERVATIONS_ZSET, RESERVATIONS_HASH]
         keys += [b.redis_key for b in budgets]
         keys += [limit.redis_key for limit in limits]
@@ -395,7 +392,10 @@ class RedisBackend:
             int(now_s * 1000),
             rid,
             amount,
-            int((now_s + settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS + RESERVATION_GRACE_SECONDS) * 1000),
+            int(
+                (now_s + settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS + RESERVATION_GRACE_SECONDS)
+                * 1000
+            ),
             len(budgets),
             *[b.limit_micro_usd for b in budgets],
             len(limits),
@@ -413,24 +413,26 @@ class RedisBackend:
             )
         raise unavailable()
 
-    async def settle(self, ticket: Ticket, actual: int) -> None:
-        _, _, settle_script, _ = self._client()
-        await self._guard(
+    async def settle(self, ticket: Ticket, actual: int) -> list[int]:
+        """Settle; returns each budget's spend after it (-1 if not counted, [] if a repeat)."""
+        _, settle_script, _ = self._script()
+        result = await self._guard(
             settle_script(
                 keys=[RESERVATIONS_ZSET, RESERVATIONS_HASH, *ticket.budget_keys],
                 args=[ticket.reservation_id, actual],
             )
         )
+        return [int(v) for v in result]
 
     async def snapshot(self, budget: Budget) -> tuple[int, int] | None:
-        client = self._client()[0]
+        client = redis_client.client()
         values = await self._guard(client.hmget(budget.redis_key, ["spent", "reserved"]))
         if values[0] is None:
             return None
         return int(values[0]), int(values[1] or 0)
 
     async def open_reservations(self) -> int:
-        client = self._client()[0]
+        client = redis_client.client()
         return int(await self._guard(client.hlen(RESERVATIONS_HASH)))
 
 
@@ -455,7 +457,9 @@ class LocalBackend:
                         self.budgets[key]["reserved"] -= amount
                 del self.reservations[rid]
 
-    def _try(self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float) -> list[Any]:
+    def _try(
+        self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
+    ) -> list[Any]:
         self._sweep(now_s)
         for index, budget in enumerate(budgets, start=1):
             state = self.budgets.get(budget.redis_key)
@@ -493,19 +497,24 @@ class LocalBackend:
             self.budgets.setdefault(budget.redis_key, {"spent": spent, "reserved": 0})
         raise unavailable()
 
-    async def settle(self, ticket: Ticket, actual: int) -> None:
+    async def settle(self, ticket: Ticket, actual: int) -> list[int]:
         if ticket.reservation_id in self.settled:
-            return
+            return []
         self.settled.add(ticket.reservation_id)
         if len(self.settled) > 100_000:
             self.settled.clear()
         entry = self.reservations.pop(ticket.reservation_id, None)
         amount = entry[1] if entry else 0
+        spent = []
         for key in ticket.budget_keys:
             state = self.budgets.get(key)
-            if state is not None:
-                state["reserved"] -= amount
-                state["spent"] += actual
+            if state is None:
+                spent.append(-1)
+                continue
+            state["reserved"] -= amount
+            state["spent"] += actual
+            spent.append(state["spent"])
+        return spent
 
     async def snapshot(self, budget: Budget) -> tuple[int, int] | None:
         state = self.budgets.get(budget.redis_key)
@@ -521,7 +530,7 @@ _backend: RedisBackend | LocalBackend | None = None
 def backend() -> RedisBackend | LocalBackend:
     global _backend
     if _backend is None:
-        _backend = RedisBackend(settings.REDIS_URL) if settings.REDIS_URL else LocalBackend()
+        _backend = RedisBackend() if settings.REDIS_URL else LocalBackend()
     return _backend
 
 
@@ -541,7 +550,7 @@ async def admit(
     budgets = _budgets(principal, now)
     limits = _limits(principal, prompt_tokens + max_output_tokens, now_s)
     if not budgets and not limits:
-        return Ticket(reservation_id=NO_TICKET_NEEDED, amount=0, budget_keys=[], settled=True)
+        return Ticket(reservation_id=NO_TICKET_NEEDED, amount=0, budgets=[], settled=True)
     amount = max_cost_micro_usd(prompt_tokens, max_output_tokens, prices, principal.markup_percent)
     rid = f"{request_id}:{secrets.token_hex(4)}"
     result = await backend().admit(rid, amount, budgets, limits, now_s)
@@ -558,13 +567,15 @@ async def admit(
     return Ticket(
         reservation_id=rid,
         amount=amount,
-        budget_keys=[b.redis_key for b in budgets],
+        budgets=budgets,
+        team_id=principal.team_id,
+        thresholds=list(principal.alert_thresholds),
         headers=_rate_headers(limits, used, now_s),
         settled=not budgets,
     )
 
 
-_retries: set[asyncio.Task[None]] = set()
+_retries: set[asyncio.Task[Any]] = set()
 SETTLE_RETRY_DELAYS = (0.5, 1, 2, 4, 8, 16, 32)
 
 
@@ -572,7 +583,7 @@ async def _settle_later(ticket: Ticket, actual: int) -> None:
     for delay in SETTLE_RETRY_DELAYS:
         await asyncio.sleep(delay)
         try:
-            await backend().settle(ticket, actual)
+            await _settle_now(ticket, actual)
             return
         except GatewayError:
             continue
@@ -582,6 +593,35 @@ async def _settle_later(ticket: Ticket, actual: int) -> None:
         ticket.reservation_id,
         actual,
     )
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+    _retries.add(task)
+    task.add_done_callback(_retries.discard)
+
+
+async def _settle_now(ticket: Ticket, actual: int) -> None:
+    spent_after = await backend().settle(ticket, actual)
+    if not ticket.thresholds or actual <= 0:
+        return
+    found = []
+    for budget, after in zip(ticket.budgets, spent_after, strict=False):
+        if after < 0:
+            continue
+        found += alerts.crossings(
+            scope=budget.scope,
+            owner_id=budget.owner_id,
+            team_id=ticket.team_id,
+            period_id=budget.period.id,
+            limit=budget.limit_micro_usd,
+            before=after - actual,
+            after=after,
+            thresholds=ticket.thresholds,
+        )
+    if found:
+        # Recorded off the request's path; a fresh context lets it outlive the request.
+        _spawn(run_db(alerts.alerts_record, found))
 
 
 async def settle(ticket: Ticket, actual_micro_usd: int) -> None:
@@ -595,11 +635,9 @@ async def settle(ticket: Ticket, actual_micro_usd: int) -> None:
         return
     ticket.settled = True
     try:
-        await backend().settle(ticket, actual_micro_usd)
+        await _settle_now(ticket, actual_micro_usd)
     except GatewayError:
-        task = asyncio.get_running_loop().create_task(_settle_later(ticket, actual_micro_usd))
-        _retries.add(task)
-        task.add_done_callback(_retries.discard)
+        _spawn(_settle_later(ticket, actual_micro_usd))
 
 
 async def release(ticket: Ticket) -> None:

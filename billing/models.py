@@ -66,7 +66,9 @@ class LedgerEntry(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["request_id", "attempt"], name="ledger_request_attempt_unique"),
+            models.UniqueConstraint(
+                fields=["request_id", "attempt"], name="ledger_request_attempt_unique"
+            ),
         ]
         indexes = [
             models.Index(fields=["team_id", "started_at"]),
@@ -77,3 +79,25 @@ class LedgerEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id}#{self.attempt} {self.status} {self.charged_cost_micro_usd}µ$"
+
+
+class BudgetAlert(models.Model):
+    """A budget threshold crossed in a period: recorded once, delivered by the workers."""
+
+    scope = models.CharField(max_length=8)  # "team" | "key"
+    owner_id = models.BigIntegerField()
+    team_id = models.BigIntegerField()
+    period_id = models.CharField(max_length=32)
+    threshold_percent = models.PositiveIntegerField()
+    limit_micro_usd = models.BigIntegerField()
+    spent_micro_usd = models.BigIntegerField()
+    crossed_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope", "owner_id", "period_id", "threshold_percent"],
+                name="budget_alert_once_per_period",
+            )
+        ]

@@ -39,7 +39,11 @@ def current_period(kind: str, tz_name: str, now: datetime | None = None) -> Peri
         ident = start.strftime("w%Y%m%d")
     else:  # monthly
         start = midnight.replace(day=1)
-        end = (start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1))
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
         ident = start.strftime("m%Y%m")
     return Period(ident, start.astimezone(UTC), end.astimezone(UTC))
 

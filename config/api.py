@@ -12,6 +12,7 @@ from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
+from billing.api import router as billing_router
 from gateway.api_admin import router as admin_router
 from gateway.api_v1 import router as v1_router
 from gateway.errors import GatewayError, dialect_for_path, error_response
@@ -28,6 +29,7 @@ api = NinjaAPI(
 )
 api.add_router("v1/", v1_router)
 api.add_router("api/admin/", admin_router)
+api.add_router("api/admin/", billing_router)
 
 
 @api.exception_handler(GatewayError)
@@ -38,7 +40,11 @@ def _gateway_error(request: HttpRequest, exc: GatewayError) -> HttpResponse:
 @api.exception_handler(ValidationError)
 def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
     first = exc.errors[0] if exc.errors else {}
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "payload", "query", "path")]
+    location = [
+        str(part)
+        for part in first.get("loc", ())
+        if part not in ("body", "payload", "query", "path")
+    ]
     param = ".".join(location) or None
     message = str(first.get("msg", "Invalid request."))
     if param:

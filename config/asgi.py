@@ -16,9 +16,9 @@ import orjson
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-from django.conf import settings  # noqa: E402
-from django.core.asgi import get_asgi_application  # noqa: E402
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+from django.core.handlers.asgi import ASGIHandler
 
 full_site = get_asgi_application()
 
@@ -55,7 +55,11 @@ def _content_length(scope: dict[str, Any]) -> int:
 
 async def _refuse_too_large(scope: dict[str, Any], send: Any) -> None:
     error = body_too_large(settings.GATEWAY_MAX_BODY_BYTES)
-    body = error.anthropic_body() if dialect_for_path(scope["path"]) == "anthropic" else error.openai_body()
+    body = (
+        error.anthropic_body()
+        if dialect_for_path(scope["path"]) == "anthropic"
+        else error.openai_body()
+    )
     payload = orjson.dumps(body)
     await send(
         {

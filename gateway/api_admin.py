@@ -6,24 +6,20 @@ that setting is empty. Endpoints parse, call a service, and shape the output.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
-from django.conf import settings
 from django.db.models import Prefetch
 from django.http import HttpRequest
 from django.shortcuts import get_object_or_404
 from ninja import Query, Router, Schema
-from ninja.security import HttpBearer
 
 from gateway import services
+from gateway.auth import AdminToken
 from gateway.errors import GatewayError, invalid_request
 from gateway.models import KeySecret, ModelDeployment, Team, VirtualKey
 from gateway.routing import split_provider
 from gateway.schemas import (
     ErrorOut,
-    Page,
-    PageParams,
     KeyCreatedOut,
     KeyIn,
     KeyOut,
@@ -31,30 +27,22 @@ from gateway.schemas import (
     ModelIn,
     ModelOut,
     ModelPatch,
+    Page,
+    PageParams,
     RotateIn,
     TeamIn,
     TeamOut,
     TeamPatch,
 )
 
-
-class AdminToken(HttpBearer):
-    def authenticate(self, request: HttpRequest, token: str) -> str | None:
-        expected = settings.GATEWAY_ADMIN_TOKEN
-        if not expected:
-            raise GatewayError(
-                "The management API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.",
-                403,
-                "permission_error",
-                "admin_api_disabled",
-            )
-        if hmac.compare_digest(token.encode(), expected.encode()):
-            return "admin"
-        return None
-
-
 router = Router(auth=AdminToken(), tags=["Management"])
-ERRORS: dict[int, type[Schema]] = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut}
+ERRORS: dict[int, type[Schema]] = {
+    400: ErrorOut,
+    401: ErrorOut,
+    403: ErrorOut,
+    404: ErrorOut,
+    409: ErrorOut,
+}
 
 
 def _set_fields(payload: Schema) -> dict[str, Any]:
@@ -78,7 +66,9 @@ def _deployment(model_id: str) -> ModelDeployment:
     except Exception as exc:
         if isinstance(exc, GatewayError):
             raise
-        raise GatewayError(f"No model deployment with id {model_id!r}.", 404, code="not_found") from None
+        raise GatewayError(
+            f"No model deployment with id {model_id!r}.", 404, code="not_found"
+        ) from None
 
 
 @router.post("/models", response={201: ModelOut, **ERRORS}, summary="Add a model deployment")
@@ -236,8 +226,12 @@ def key_revoke(request: HttpRequest, key_id: int) -> KeyOut:
     return _key_out(_key(key.id))
 
 
-@router.post("/keys/{key_id}/rotate", response={201: KeyCreatedOut, **ERRORS}, summary="Rotate a key")
-def key_rotate(request: HttpRequest, key_id: int, payload: RotateIn | None = None) -> tuple[int, KeyCreatedOut]:
+@router.post(
+    "/keys/{key_id}/rotate", response={201: KeyCreatedOut, **ERRORS}, summary="Rotate a key"
+)
+def key_rotate(
+    request: HttpRequest, key_id: int, payload: RotateIn | None = None
+) -> tuple[int, KeyCreatedOut]:
     grace = payload.grace_period_seconds if payload else 0
     issued = services.key_rotate(key=_key(key_id), grace_seconds=grace)
     out = _key_out(_key(issued.key.id))

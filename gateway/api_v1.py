@@ -6,6 +6,7 @@ import orjson
 from django.http import HttpRequest, HttpResponse
 from ninja import Router
 
+from billing.api import SpendOut, spend_report
 from gateway import catalog, proxy
 from gateway.auth import authenticate
 from gateway.errors import GatewayError
@@ -56,3 +57,63 @@ async def get_model(request: HttpRequest, model_id: str) -> HttpResponse:
             "model",
         )
     return _json(catalog.model_card(table, model_id))
+
+
+def _budget_view(report: SpendOut | None) -> dict[str, object] | None:
+    if report is None:
+        return None
+    return {
+        "limit_usd": report.budget_usd,
+        "period": report.period,
+        "spent_usd": report.spent_usd,
+        "reserved_usd": report.reserved_usd,
+        "remaining_usd": report.remaining_usd,
+        "resets_at": report.period_end.isoformat() if report.period_end else None,
+    }
+
+
+@router.get("/key", summary="This key's limits, budget, spend this period and reset time")
+async def key_info(request: HttpRequest) -> HttpResponse:
+    principal = await authenticate(request)
+    own = await spend_report(
+        scope="key",
+        owner_id=principal.key_id,
+        limit=principal.key_budget_micro_usd,
+        period_kind=principal.key_budget_period,
+        tz=principal.team_timezone,
+    )
+    team = None
+    if principal.team_budget_micro_usd is not None:
+        team = await spend_report(
+            scope="team",
+            owner_id=principal.team_id,
+            limit=principal.team_budget_micro_usd,
+            period_kind=principal.team_budget_period,
+            tz=principal.team_timezone,
+        )
+    return _json(
+        {
+            "object": "key",
+            "id": principal.key_id,
+            "name": principal.key_name,
+            "team": {"id": principal.team_id, "name": principal.team_name},
+            "models": sorted(principal.allowed_models) or None,
+            "expires_at": principal.key_expires_at.isoformat()
+            if principal.key_expires_at
+            else None,
+            "spend": {
+                "period": own.period,
+                "spent_usd": own.spent_usd,
+                "resets_at": own.period_end.isoformat() if own.period_end else None,
+                "by_model": [m.model_dump() for m in own.by_model],
+            },
+            "budget": _budget_view(own) if own.budget_usd is not None else None,
+            "team_budget": _budget_view(team),
+            "rate_limits": {
+                "rpm": principal.key_rpm_limit,
+                "tpm": principal.key_tpm_limit,
+                "team_rpm": principal.team_rpm_limit,
+                "team_tpm": principal.team_tpm_limit,
+            },
+        }
+    )

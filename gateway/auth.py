@@ -8,6 +8,7 @@ turn into a flood of queries.
 
 from __future__ import annotations
 
+import hmac
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,10 +17,12 @@ from decimal import Decimal
 from django.conf import settings
 from django.http import HttpRequest
 from django.utils import timezone
+from ninja.security import HttpBearer
 
 from gateway import errors
 from gateway.crypto import hash_key_secret
 from gateway.db import run_db
+from gateway.errors import GatewayError
 from gateway.models import KeySecret
 
 
@@ -46,6 +49,7 @@ class KeyPrincipal:
     team_rpm_limit: int | None
     team_tpm_limit: int | None
     markup_percent: Decimal
+    alert_thresholds: tuple[int, ...]
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -61,9 +65,7 @@ def clear_key_cache() -> None:
 
 def _load(secret_hash: str) -> KeyPrincipal | None:
     row = (
-        KeySecret.objects.select_related("key", "key__team")
-        .filter(secret_hash=secret_hash)
-        .first()
+        KeySecret.objects.select_related("key", "key__team").filter(secret_hash=secret_hash).first()
     )
     if row is None:
         return None
@@ -88,6 +90,7 @@ def _load(secret_hash: str) -> KeyPrincipal | None:
         team_rpm_limit=team.rpm_limit,
         team_tpm_limit=team.tpm_limit,
         markup_percent=team.markup_percent,
+        alert_thresholds=tuple(int(t) for t in team.alert_thresholds or ()),
     )
 
 
@@ -127,3 +130,18 @@ async def authenticate(request: HttpRequest) -> KeyPrincipal:
     if principal.secret_expires_at is not None and principal.secret_expires_at <= now:
         raise errors.invalid_key("This API key was rotated and its grace period has ended.")
     return principal
+
+
+class AdminToken(HttpBearer):
+    def authenticate(self, request: HttpRequest, token: str) -> str | None:
+        expected = settings.GATEWAY_ADMIN_TOKEN
+        if not expected:
+            raise GatewayError(
+                "The management API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.",
+                403,
+                "permission_error",
+                "admin_api_disabled",
+            )
+        if hmac.compare_digest(token.encode(), expected.encode()):
+            return "admin"
+        return None

@@ -55,7 +55,9 @@ class GatewayError(Exception):
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
-def invalid_request(message: str, *, param: str | None = None, code: str | None = None) -> GatewayError:
+def invalid_request(
+    message: str, *, param: str | None = None, code: str | None = None
+) -> GatewayError:
     return GatewayError(message, 400, "invalid_request_error", code, param)
 
 

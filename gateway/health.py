@@ -53,4 +53,6 @@ async def ready(request: HttpRequest) -> HttpResponse:
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
     healthy = all(value == "ok" for value in checks.values())
-    return _json({"status": "ok" if healthy else "unavailable", "checks": checks}, 200 if healthy else 503)
+    return _json(
+        {"status": "ok" if healthy else "unavailable", "checks": checks}, 200 if healthy else 503
+    )

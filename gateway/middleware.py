@@ -47,7 +47,7 @@ def _finish(request: HttpRequest, response: HttpResponse, request_id: str) -> Ht
 
 
 @sync_and_async_middleware
-def RequestIdMiddleware(  # noqa: N802 - Django middleware factories are named like classes
+def RequestIdMiddleware(
     get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]],
 ) -> Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]:
     """Gives every request an id, echoed as `x-request-id` on every response."""

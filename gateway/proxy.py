@@ -31,7 +31,7 @@ from billing import admission
 from billing.ledger import AttemptRecord, ledger_write
 from billing.models import LedgerStatus
 from billing.pricing import Usage, charged_cost_micro_usd, list_cost_micro_usd, micro_usd_to_str
-from gateway import errors, upstream, validation
+from gateway import errors, idempotency, upstream, validation
 from gateway.auth import KeyPrincipal, authenticate
 from gateway.db import run_db
 from gateway.errors import GatewayError
@@ -67,6 +67,7 @@ class Call:
     end_user: str = ""
     tags: list[str] = field(default_factory=list)
     attempts: int = 0
+    claim: idempotency.Claim | None = None
 
 
 def parse_json_body(request: HttpRequest) -> dict[str, Any]:
@@ -75,7 +76,9 @@ def parse_json_body(request: HttpRequest) -> dict[str, Any]:
     if len(raw) > limit:
         raise errors.body_too_large(limit)
     if not raw:
-        raise GatewayError("The request body is empty; send a JSON object.", 400, code="invalid_json")
+        raise GatewayError(
+            "The request body is empty; send a JSON object.", 400, code="invalid_json"
+        )
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -167,9 +170,13 @@ def count_prompt_tokens(deployment_model: str, body: dict[str, Any]) -> int:
                 )
             )
         value = body.get("input")
-        texts = [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+        texts = (
+            [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+        )
         counted = sum(int(litellm.token_counter(model=deployment_model, text=t)) for t in texts)
-        token_arrays = [v for v in value or [] if isinstance(v, list)] if isinstance(value, list) else []
+        token_arrays = (
+            [v for v in value or [] if isinstance(v, list)] if isinstance(value, list) else []
+        )
         return counted + sum(len(a) for a in token_arrays)
     except Exception:
         # The counter failing must not fail the request; bound by bytes instead
@@ -272,7 +279,10 @@ def client_error(exc: upstream.UpstreamError) -> GatewayError:
         )
     if exc.kind == "connection":
         return GatewayError(
-            "Could not reach the provider; retry shortly.", 502, "server_error", "upstream_connection_error"
+            "Could not reach the provider; retry shortly.",
+            502,
+            "server_error",
+            "upstream_connection_error",
         )
     if exc.status == 429:
         return GatewayError(
@@ -284,7 +294,11 @@ def client_error(exc: upstream.UpstreamError) -> GatewayError:
         )
     if exc.status in (400, 413, 422):
         return GatewayError(
-            exc.message, 400, "invalid_request_error", exc.provider_code or "upstream_rejected", exc.param
+            exc.message,
+            400,
+            "invalid_request_error",
+            exc.provider_code or "upstream_rejected",
+            exc.param,
         )
     if exc.status in (401, 403):
         return GatewayError(
@@ -310,7 +324,11 @@ def client_error(exc: upstream.UpstreamError) -> GatewayError:
             headers=headers,
         )
     return GatewayError(
-        f"The provider failed: {exc.message}", 502, "server_error", "upstream_error", headers=headers
+        f"The provider failed: {exc.message}",
+        502,
+        "server_error",
+        "upstream_error",
+        headers=headers,
     )
 
 
@@ -337,8 +355,9 @@ def _upstream_body(call: Call) -> dict[str, Any]:
 
 async def handle(request: HttpRequest, endpoint: str) -> HttpResponse:
     started_mono = time.monotonic()
-    body = parse_json_body(request)
     principal = await authenticate(request)
+    body = parse_json_body(request)
+    idempotency_key = idempotency.header_value(request.headers.get("idempotency-key"))
     if endpoint == EMBEDDINGS:
         model, stream = validation.validate_embeddings(body), False
     else:
@@ -356,15 +375,28 @@ async def handle(request: HttpRequest, endpoint: str) -> HttpResponse:
         tags=validation.tags_from(request.headers.get("x-gateway-tags"), body.get("metadata")),
     )
     table, group = await _route(principal, model)
-    prompt_tokens = count_prompt_tokens(group[0].provider_model, body)
-    max_output = _max_output_tokens(call, table)
-    ticket = await admission.admit(
-        principal=principal,
-        request_id=call.request_id,
-        prompt_tokens=prompt_tokens,
-        max_output_tokens=max_output,
-        prices=table.max_prices(model),
-    )
+    if idempotency_key:
+        call.claim = await idempotency.claim(
+            principal.key_id,
+            idempotency_key,
+            idempotency.fingerprint({"endpoint": endpoint, "body": body}),
+            wait_seconds=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
+        )
+        if call.claim.replay is not None:
+            return _replay(call.claim.replay)
+    try:
+        prompt_tokens = count_prompt_tokens(group[0].provider_model, body)
+        ticket = await admission.admit(
+            principal=principal,
+            request_id=call.request_id,
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=_max_output_tokens(call, table),
+            prices=table.max_prices(model),
+        )
+    except BaseException:
+        if call.claim is not None:
+            await idempotency.release(call.claim)
+        raise
     try:
         deployment = await _pick(table, call, group)
         if stream:
@@ -373,7 +405,27 @@ async def handle(request: HttpRequest, endpoint: str) -> HttpResponse:
     except BaseException:
         if not ticket.settled:
             await admission.release(ticket)
+        if call.claim is not None:
+            await idempotency.release(call.claim)
         raise
+
+
+def _replay(stored: idempotency.Stored) -> HttpResponse:
+    response: HttpResponse
+    if stored.stream:
+        events = list(stored.events)
+
+        async def again() -> AsyncIterator[bytes]:
+            for event in events:
+                yield event
+
+        response = StreamingHttpResponse(again(), status=stored.status)
+    else:
+        response = HttpResponse(stored.body, status=stored.status)
+    for name, value in stored.headers.items():
+        response[name] = value
+    response["idempotent-replayed"] = "true"
+    return response
 
 
 def _max_output_tokens(call: Call, table: RoutingTable) -> int:
@@ -392,7 +444,12 @@ async def _json(call: Call, deployment: Deployment, ticket: admission.Ticket) ->
         answer = await upstream.call_json(deployment, call.endpoint, _upstream_body(call))
     except upstream.UpstreamError as exc:
         record = _record(
-            call, deployment, status=LedgerStatus.ERROR, usage=None, http_status=exc.status, error_type=exc.kind
+            call,
+            deployment,
+            status=LedgerStatus.ERROR,
+            usage=None,
+            http_status=exc.status,
+            error_type=exc.kind,
         )
         await _write(record)
         await admission.settle(ticket, record.charged_cost_micro_usd)
@@ -401,14 +458,31 @@ async def _json(call: Call, deployment: Deployment, ticket: admission.Ticket) ->
     estimated = usage is None
     if usage is None:
         usage = Usage(prompt_tokens=count_prompt_tokens(deployment.provider_model, call.body))
-    record = _record(call, deployment, status=LedgerStatus.SUCCESS, usage=usage, estimated=estimated, http_status=200)
+    record = _record(
+        call,
+        deployment,
+        status=LedgerStatus.SUCCESS,
+        usage=usage,
+        estimated=estimated,
+        http_status=200,
+    )
     await _write(record)
     await admission.settle(ticket, record.charged_cost_micro_usd)
     response = HttpResponse(answer.body, content_type="application/json")
     _gateway_headers(response, call, deployment)
     response["x-gateway-cost-usd"] = micro_usd_to_str(record.charged_cost_micro_usd)
+    if call.claim is not None:
+        await idempotency.complete(
+            call.claim, idempotency.Stored(200, _replayable_headers(response), body=answer.body)
+        )
     admission.apply_headers(response, ticket)
     return response
+
+
+def _replayable_headers(response: HttpResponse) -> dict[str, str]:
+    return {
+        name: response[name] for name in idempotency.REPLAYED_HEADERS if response.has_header(name)
+    }
 
 
 async def _stream(call: Call, deployment: Deployment, ticket: admission.Ticket) -> HttpResponse:
@@ -422,7 +496,12 @@ async def _stream(call: Call, deployment: Deployment, ticket: admission.Ticket) 
         handle = await upstream.open_stream(deployment, body)
     except upstream.UpstreamError as exc:
         record = _record(
-            call, deployment, status=LedgerStatus.ERROR, usage=None, http_status=exc.status, error_type=exc.kind
+            call,
+            deployment,
+            status=LedgerStatus.ERROR,
+            usage=None,
+            http_status=exc.status,
+            error_type=exc.kind,
         )
         await _write(record)
         await admission.settle(ticket, record.charged_cost_micro_usd)
@@ -437,6 +516,7 @@ async def _stream(call: Call, deployment: Deployment, ticket: admission.Ticket) 
     response["cache-control"] = "no-cache"
     response["x-accel-buffering"] = "no"
     _gateway_headers(response, call, deployment)
+    relay.headers = _replayable_headers(response)
     admission.apply_headers(response, ticket)
     return response
 
@@ -463,14 +543,24 @@ class StreamRelay:
         self.handle = handle
         self.client_wants_usage = client_wants_usage
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # Everything sent to the client, kept for an idempotent replay.
+        self.sent: list[bytes] = []
+        self.headers: dict[str, str] = {}
         self.client_gone = False
         self.delivered = False
         self._drain_deadline: asyncio.Timeout | None = None
 
+    def _send(self, event: bytes) -> None:
+        self.queue.put_nowait(event)
+        if self.call.claim is not None:
+            self.sent.append(event)
+
     def _client_left(self) -> None:
         self.client_gone = True
         if self._drain_deadline is not None:
-            self._drain_deadline.reschedule(asyncio.get_running_loop().time() + STREAM_DRAIN_SECONDS)
+            self._drain_deadline.reschedule(
+                asyncio.get_running_loop().time() + STREAM_DRAIN_SECONDS
+            )
 
     async def client_events(self) -> AsyncIterator[bytes]:
         try:
@@ -512,7 +602,7 @@ class StreamRelay:
                         if not self.client_wants_usage and not chunk.get("choices"):
                             forward = False
                     if forward and not self.client_gone:
-                        self.queue.put_nowait(event)
+                        self._send(event)
         except upstream.UpstreamError as exc:
             failure = exc
         except TimeoutError:
@@ -571,9 +661,16 @@ class StreamRelay:
         if failure is None and written:
             cost = micro_usd_to_str(record.charged_cost_micro_usd)
             # SSE comment lines are ignored by clients; this one carries the final cost.
-            self.queue.put_nowait(f": x-gateway-cost-usd {cost}\n\n".encode())
-            self.queue.put_nowait(b"data: [DONE]\n\n")
+            self._send(f": x-gateway-cost-usd {cost}\n\n".encode())
+            self._send(b"data: [DONE]\n\n")
+            if call.claim is not None:
+                await idempotency.complete(
+                    call.claim,
+                    idempotency.Stored(200, self.headers, events=self.sent, stream=True),
+                )
         else:
+            if call.claim is not None:
+                await idempotency.release(call.claim)
             error = (
                 client_error(failure)
                 if failure is not None

@@ -110,8 +110,12 @@ def _pick(override: Decimal | None, fallback: Decimal | None) -> Decimal:
 def snapshot(row: ModelDeployment) -> Deployment:
     provider, model = split_provider(row.provider_model)
     entry = _price_map_entry(row.provider_model, provider, model)
-    input_price = _pick(row.input_cost_per_million, per_million_from_per_token(entry.get("input_cost_per_token")))
-    output_price = _pick(row.output_cost_per_million, per_million_from_per_token(entry.get("output_cost_per_token")))
+    input_price = _pick(
+        row.input_cost_per_million, per_million_from_per_token(entry.get("input_cost_per_token"))
+    )
+    output_price = _pick(
+        row.output_cost_per_million, per_million_from_per_token(entry.get("output_cost_per_token"))
+    )
     prices = Prices(
         input=input_price,
         output=output_price,
@@ -125,7 +129,8 @@ def snapshot(row: ModelDeployment) -> Deployment:
         ),
         reasoning=_pick(
             row.reasoning_cost_per_million,
-            per_million_from_per_token(entry.get("output_cost_per_reasoning_token")) or output_price,
+            per_million_from_per_token(entry.get("output_cost_per_reasoning_token"))
+            or output_price,
         ),
     )
     capabilities = {
@@ -188,7 +193,9 @@ def _load_rows() -> tuple[str, list[ModelDeployment]]:
 
 
 def _current_token() -> str:
-    return ConfigVersion.objects.filter(singleton=True).values_list("token", flat=True).first() or ""
+    return (
+        ConfigVersion.objects.filter(singleton=True).values_list("token", flat=True).first() or ""
+    )
 
 
 def build_table(token: str, rows: list[ModelDeployment]) -> RoutingTable:
@@ -235,7 +242,10 @@ class RoutingTableHolder:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._table is not None and time.monotonic() - self._checked_at < settings.GATEWAY_CONFIG_POLL_SECONDS:
+            if (
+                self._table is not None
+                and time.monotonic() - self._checked_at < settings.GATEWAY_CONFIG_POLL_SECONDS
+            ):
                 return self._table
             token = await run_db(_current_token)
             if self._table is None or token != self._table.token:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -113,7 +113,9 @@ class ModelPatch(Schema):
         if value:
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError("api_base must be an http(s) URL such as https://api.openai.com/v1")
+                raise ValueError(
+                    "api_base must be an http(s) URL such as https://api.openai.com/v1"
+                )
         return value
 
 
@@ -198,7 +200,9 @@ class TeamPatch(Schema):
             try:
                 ZoneInfo(value)
             except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"{value!r} is not an IANA timezone such as 'Europe/Paris'") from None
+                raise ValueError(
+                    f"{value!r} is not an IANA timezone such as 'Europe/Paris'"
+                ) from None
         return value
 
     @field_validator("alert_thresholds")
@@ -206,7 +210,9 @@ class TeamPatch(Schema):
     def _thresholds(cls, value: list[int] | None) -> list[int] | None:
         if value is not None:
             if any(t <= 0 or t > 1000 for t in value):
-                raise ValueError("alert_thresholds are percentages from 1 to 1000, e.g. [50, 80, 100]")
+                raise ValueError(
+                    "alert_thresholds are percentages from 1 to 1000, e.g. [50, 80, 100]"
+                )
             return sorted(set(value))
         return value
 

@@ -34,7 +34,9 @@ def config_version_bump() -> str:
 
 def team_create(*, name: str, **fields: Any) -> Team:
     if Team.objects.filter(name=name).exists():
-        raise GatewayError(f"A team named {name!r} already exists.", 409, code="conflict", param="name")
+        raise GatewayError(
+            f"A team named {name!r} already exists.", 409, code="conflict", param="name"
+        )
     team = Team(name=name, **fields)
     team.full_clean()
     team.save()
@@ -44,7 +46,9 @@ def team_create(*, name: str, **fields: Any) -> Team:
 def team_update(*, team: Team, **fields: Any) -> Team:
     name = fields.get("name")
     if name and Team.objects.filter(name=name).exclude(id=team.id).exists():
-        raise GatewayError(f"A team named {name!r} already exists.", 409, code="conflict", param="name")
+        raise GatewayError(
+            f"A team named {name!r} already exists.", 409, code="conflict", param="name"
+        )
     for attr, value in fields.items():
         setattr(team, attr, value)
     team.full_clean()
@@ -111,14 +115,18 @@ def key_rotate(*, key: VirtualKey, grace_seconds: int = 0) -> IssuedKey:
     if key.revoked_at is not None:
         raise invalid_request("A revoked key cannot be rotated; issue a new key instead.")
     if grace_seconds < 0:
-        raise invalid_request("grace_period_seconds must be 0 or more.", param="grace_period_seconds")
+        raise invalid_request(
+            "grace_period_seconds must be 0 or more.", param="grace_period_seconds"
+        )
     now = timezone.now()
     with transaction.atomic():
         locked = VirtualKey.objects.select_for_update().get(id=key.id)
         old_expiry: datetime = now + timedelta(seconds=grace_seconds)
         # Secrets already expiring sooner keep their earlier expiry.
         KeySecret.objects.filter(key=locked, expires_at__isnull=True).update(expires_at=old_expiry)
-        KeySecret.objects.filter(key=locked, expires_at__gt=old_expiry).update(expires_at=old_expiry)
+        KeySecret.objects.filter(key=locked, expires_at__gt=old_expiry).update(
+            expires_at=old_expiry
+        )
         secret = _add_secret(locked)
         locked.save(update_fields=["updated_at"])
     return IssuedKey(key=locked, secret=secret)

@@ -151,7 +151,9 @@ def _error_from_body(status: int, body: bytes, headers: httpx.Headers) -> Upstre
 
 def _transport_error(exc: Exception, *, partial: bool = False) -> UpstreamError:
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(504, "The provider did not answer in time.", "timeout", partial=partial)
+        return UpstreamError(
+            504, "The provider did not answer in time.", "timeout", partial=partial
+        )
     return UpstreamError(
         502, "The connection to the provider failed or was cut off.", "connection", partial=partial
     )
@@ -163,7 +165,9 @@ def passthrough_payload(deployment: Deployment, body: dict[str, Any]) -> dict[st
     return payload
 
 
-async def passthrough_json(deployment: Deployment, path: str, payload: dict[str, Any]) -> JsonAnswer:
+async def passthrough_json(
+    deployment: Deployment, path: str, payload: dict[str, Any]
+) -> JsonAnswer:
     try:
         response = await _client().post(
             _url(deployment, path),
@@ -184,7 +188,9 @@ async def passthrough_json(deployment: Deployment, path: str, payload: dict[str,
     return JsonAnswer(body=response.content, data=data)
 
 
-async def passthrough_stream(deployment: Deployment, path: str, payload: dict[str, Any]) -> StreamHandle:
+async def passthrough_stream(
+    deployment: Deployment, path: str, payload: dict[str, Any]
+) -> StreamHandle:
     client = _client()
     request = client.build_request(
         "POST",
@@ -253,7 +259,10 @@ _UNSUPPORTED = re.compile(r"does not support parameters:\s*\[([^\]]*)\]")
 def _from_litellm(exc: Exception, *, partial: bool = False) -> UpstreamError:
     status = int(getattr(exc, "status_code", 0) or 0)
     message = str(getattr(exc, "message", "") or exc)
-    if isinstance(exc, litellm.UnsupportedParamsError) or "UnsupportedParamsError" in type(exc).__name__:
+    if (
+        isinstance(exc, litellm.UnsupportedParamsError)
+        or "UnsupportedParamsError" in type(exc).__name__
+    ):
         match = _UNSUPPORTED.search(message)
         names = [n.strip(" '\"") for n in match.group(1).split(",")] if match else []
         listed = ", ".join(repr(n) for n in names) or "some parameters"
@@ -265,9 +274,13 @@ def _from_litellm(exc: Exception, *, partial: bool = False) -> UpstreamError:
             provider_code="unsupported_parameter",
         )
     if isinstance(exc, litellm.Timeout) or status == 408:
-        return UpstreamError(504, "The provider did not answer in time.", "timeout", partial=partial)
+        return UpstreamError(
+            504, "The provider did not answer in time.", "timeout", partial=partial
+        )
     if isinstance(exc, litellm.APIConnectionError) and status in (0, 500):
-        return UpstreamError(502, "The connection to the provider failed.", "connection", partial=partial)
+        return UpstreamError(
+            502, "The connection to the provider failed.", "connection", partial=partial
+        )
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None)
     clean = re.sub(r"^litellm\.\w+:\s*(\w+Exception -\s*)?", "", message)

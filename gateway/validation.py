@@ -160,7 +160,9 @@ def _positive_int(body: dict[str, Any], name: str, high: int = 10_000_000) -> No
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise invalid_request("'model' is required: the name of a model from /v1/models.", param="model")
+        raise invalid_request(
+            "'model' is required: the name of a model from /v1/models.", param="model"
+        )
     return model
 
 
@@ -215,12 +217,16 @@ def validate_embeddings(body: dict[str, Any]) -> str:
     model = _model(body)
     value = body.get("input")
     if value is None or value == "" or value == []:
-        raise invalid_request("'input' is required: a string or an array of strings.", param="input")
+        raise invalid_request(
+            "'input' is required: a string or an array of strings.", param="input"
+        )
     if not isinstance(value, str | list):
         raise invalid_request("'input' must be a string or an array.", param="input")
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
-        raise invalid_request("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+        raise invalid_request(
+            "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
+        )
     _positive_int(body, "dimensions", 100_000)
     return model
 
@@ -232,7 +238,9 @@ def tags_from(header: str | None, metadata: Any) -> list[str]:
     if isinstance(metadata, dict) and "tags" in metadata:
         extra = metadata["tags"]
         if not isinstance(extra, list) or not all(isinstance(t, str) for t in extra):
-            raise invalid_request("'metadata.tags' must be an array of strings.", param="metadata.tags")
+            raise invalid_request(
+                "'metadata.tags' must be an array of strings.", param="metadata.tags"
+            )
         tags.extend(t.strip() for t in extra if t.strip())
     if len(tags) > 20 or any(len(t) > 64 for t in tags):
         raise invalid_request(

@@ -39,15 +39,21 @@ class Command(BaseCommand):
     help = "Create the demo models, team and key (idempotent; the key is printed once)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--mock-url", default="http://127.0.0.1:9100", help="Mock upstream base URL")
-        parser.add_argument("--gateway-url", default="http://127.0.0.1:8000", help="Printed in the example")
+        parser.add_argument(
+            "--mock-url", default="http://127.0.0.1:9100", help="Mock upstream base URL"
+        )
+        parser.add_argument(
+            "--gateway-url", default="http://127.0.0.1:8000", help="Printed in the example"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         api_base = options["mock_url"].rstrip("/") + "/v1"
         for name, provider_model, extra in DEMO_MODELS:
             existing = ModelDeployment.objects.filter(name=name).first()
             if existing is None:
-                services.deployment_create(name=name, provider_model=provider_model, api_base=api_base, **extra)
+                services.deployment_create(
+                    name=name, provider_model=provider_model, api_base=api_base, **extra
+                )
             elif existing.api_base != api_base:
                 services.deployment_update(deployment=existing, api_base=api_base)
 

@@ -1,0 +1,65 @@
+"""Reads of the ledger: spend per period and model, and filtered pages of rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db.models import Count, QuerySet, Sum
+
+from billing.models import LedgerEntry
+from billing.periods import Period
+
+
+@dataclass(frozen=True)
+class LedgerFilter:
+    team_id: int | None = None
+    key_id: int | None = None
+    model: str | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def ledger_rows(filters: LedgerFilter) -> QuerySet[LedgerEntry]:
+    rows = LedgerEntry.objects.all()
+    if filters.team_id is not None:
+        rows = rows.filter(team_id=filters.team_id)
+    if filters.key_id is not None:
+        rows = rows.filter(key_id=filters.key_id)
+    if filters.model:
+        rows = rows.filter(model=filters.model)
+    if filters.status:
+        rows = rows.filter(status=filters.status)
+    if filters.since is not None:
+        rows = rows.filter(started_at__gte=filters.since)
+    if filters.until is not None:
+        rows = rows.filter(started_at__lt=filters.until)
+    return rows.order_by("-started_at", "-id")
+
+
+def _in_period(rows: QuerySet[LedgerEntry], period: Period) -> QuerySet[LedgerEntry]:
+    if period.start is not None:
+        rows = rows.filter(started_at__gte=period.start, started_at__lt=period.end)
+    return rows
+
+
+def spend_by_model(*, scope: str, owner_id: int, period: Period) -> list[dict[str, Any]]:
+    rows = LedgerEntry.objects.filter(**{"key_id" if scope == "key" else "team_id": owner_id})
+    grouped = (
+        _in_period(rows, period)
+        .values("model")
+        .annotate(
+            requests=Count("id"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+            cached_read_tokens=Sum("cached_read_tokens"),
+            cache_write_tokens=Sum("cache_write_tokens"),
+            reasoning_tokens=Sum("reasoning_tokens"),
+            list_cost_micro_usd=Sum("list_cost_micro_usd"),
+            charged_cost_micro_usd=Sum("charged_cost_micro_usd"),
+        )
+        .order_by("-charged_cost_micro_usd", "model")
+    )
+    return [dict(row) for row in grouped]
