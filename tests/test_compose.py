@@ -1,0 +1,178 @@
+"""docker-compose.yml names only things that exist in this repo.
+
+No Docker engine runs on our machines, so the file is parsed, not run: every
+service is present and health-checked, and every command points at a module,
+management command, Celery app or ASGI application that really exists. Nothing
+here imports Django or needs a database.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark: list[pytest.MarkDecorator] = []
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO / "docker-compose.yml"
+SERVICES = {"postgres", "redis", "mock", "web", "worker", "beat"}
+PROJECT_SERVICES = {"mock", "web", "worker", "beat"}
+SHARED_ENV = {
+    "DATABASE_URL",
+    "REDIS_URL",
+    "SECRET_KEY",
+    "GATEWAY_ADMIN_TOKEN",
+    "LITELLM_LOCAL_MODEL_COST_MAP",
+    "GATEWAY_ENCRYPTION_KEY",
+}
+# `python -m X` where X is a server that loads an app of ours: check the app instead.
+ASGI_SERVERS = {"uvicorn", "granian"}
+
+
+def load_compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return load_compose()["services"]
+
+
+def command_argvs(command: str | list[str]) -> list[list[str]]:
+    """Split a compose command into the simple commands it runs (`sh -c "a && b"` → [a, b])."""
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    if argv[:2] in (["sh", "-c"], ["bash", "-c"]):
+        script = argv[2]
+        return [shlex.split(part) for part in re.split(r"&&|;|\|\|", script) if part.strip()]
+    return [argv]
+
+
+def module_exists_in_repo(module: str) -> bool:
+    path = REPO.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def django_core_commands() -> set[str]:
+    spec = importlib.util.find_spec("django")  # locates the package without importing it
+    assert spec is not None and spec.submodule_search_locations
+    django_dir = Path(next(iter(spec.submodule_search_locations)))
+    patterns = ["core/management/commands/*.py", "contrib/*/management/commands/*.py"]
+    return {path.stem for pattern in patterns for path in django_dir.glob(pattern)}
+
+
+def project_commands() -> set[str]:
+    return {
+        path.stem
+        for path in REPO.glob("*/management/commands/*.py")
+        if not path.stem.startswith("_") and ".venv" not in path.parts
+    }
+
+
+def module_defines(module: str, name: str) -> bool:
+    """Whether the module's top level defines `name` (read with ast, never imported)."""
+    path = REPO.joinpath(*module.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text(), filename=str(path))
+    defined: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+    return name in defined
+
+
+def check_app_reference(reference: str) -> None:
+    """`package.module:attribute` must be a repo module that defines the attribute."""
+    module, _, attribute = reference.partition(":")
+    assert attribute, f"{reference!r} names no attribute"
+    assert module_exists_in_repo(module), f"{module} does not exist in the repo"
+    assert module_defines(module, attribute), f"{module} does not define {attribute}"
+
+
+def check_argv(argv: list[str]) -> None:
+    program = Path(argv[0]).name
+    if program.startswith("python") and argv[1:2] == ["-m"]:
+        module = argv[2]
+        if module in ASGI_SERVERS:
+            apps = [arg for arg in argv[3:] if re.fullmatch(r"[\w.]+:\w+", arg)]
+            assert apps, f"{argv}: no app given to {module}"
+            check_app_reference(apps[0])
+        elif module == "celery":
+            check_argv(["celery", *argv[3:]])
+        else:
+            assert module_exists_in_repo(module), f"python -m {module}: no such module in the repo"
+    elif program.startswith("python") and argv[1:2] == ["manage.py"]:
+        assert (REPO / "manage.py").is_file()
+        name = argv[2]
+        assert name in django_core_commands() | project_commands(), (
+            f"manage.py {name}: neither a Django command nor */management/commands/{name}.py"
+        )
+    elif program == "celery":
+        app = argv[argv.index("-A") + 1]
+        assert app == "config", f"celery -A {app}: expected the config package"
+        assert (REPO / "config" / "celery.py").is_file()
+        assert module_defines("config.celery", "app"), "config/celery.py defines no `app`"
+    elif program == "uvicorn":
+        check_app_reference(next(arg for arg in argv[1:] if ":" in arg))
+    else:
+        pytest.fail(f"don't know how to check command {argv}")
+
+
+def test_it_has_the_six_services() -> None:
+    assert set(services()) >= SERVICES
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_it_health_checks_every_service(name: str) -> None:
+    service = services()[name]
+    healthcheck = service.get("healthcheck")
+    one_shot = service.get("restart") == "no"
+    assert one_shot or (healthcheck and not healthcheck.get("disable") and healthcheck.get("test"))
+
+
+@pytest.mark.parametrize("name", sorted(PROJECT_SERVICES))
+def test_it_runs_commands_that_exist(name: str) -> None:
+    command = services()[name]["command"]
+    for argv in command_argvs(command):
+        check_argv(argv)
+
+
+def test_it_waits_for_healthy_dependencies() -> None:
+    all_services = services()
+    for name, service in all_services.items():
+        depends_on = service.get("depends_on") or {}
+        assert isinstance(depends_on, dict), f"{name}: depends_on needs conditions"
+        for dependency, rule in depends_on.items():
+            assert dependency in all_services, f"{name} depends on unknown {dependency}"
+            assert rule.get("condition") == "service_healthy"
+            assert all_services[dependency].get("healthcheck"), f"{dependency} has no healthcheck"
+
+
+@pytest.mark.parametrize("name", ["web", "worker", "beat"])
+def test_it_shares_the_gateway_environment(name: str) -> None:
+    compose = load_compose()
+    assert set(compose["x-gateway-env"]) >= SHARED_ENV
+    assert services()[name]["environment"] == compose["x-gateway-env"]
+
+
+def test_it_web_serves_the_asgi_app_after_migrating() -> None:
+    argvs = command_argvs(services()["web"]["command"])
+    assert argvs[0][1:] == ["manage.py", "migrate", "--noinput"]
+    assert "config.asgi:application" in argvs[-1]
+
+
+def test_it_builds_the_image_from_the_hashed_lock() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements.lock" in dockerfile
+    for name in PROJECT_SERVICES:
+        assert services()[name].get("build") == "."
