@@ -7,6 +7,7 @@ stands behind.
 
 Endpoints
     POST /v1/chat/completions, /v1/completions, /v1/embeddings   OpenAI dialect
+    POST /v1/responses                                            OpenAI Responses API
     POST /v1/messages, /v1/messages/count_tokens                  Anthropic dialect
     GET  /v1/models                                               OpenAI model list
     GET  /_mock/stats, POST /_mock/reset, GET /health             test and ops helpers
@@ -21,6 +22,18 @@ Output
     after a tool result (last message has role "tool" / a ``tool_result`` block) the reply is
     text again unless the tool choice forces a call, so agent loops terminate.
 
+Responses API
+    ``input`` is a string (one user message) or a list of items (messages with string or
+    ``input_text`` parts, ``function_call``, ``function_call_output``, ...); ``instructions`` is a
+    system prompt. The output is one ``message`` item, or one ``function_call`` item for the
+    first Responses-style function tool (``{"type": "function", "name", "parameters"}``; a
+    chat-style tool is rejected like upstream does) unless ``tool_choice`` is "none" or the
+    latest turn carries a ``function_call_output`` (only user messages after it). A
+    ``max_output_tokens`` cut gives status "incomplete" (streamed as ``response.incomplete``);
+    values below 16 are rejected as upstream does. Streams follow OpenAI's event sequence with
+    ``sequence_number``s; the delta events count as content chunks. ``no_usage=1`` sets
+    ``usage`` to null, streamed or not.
+
 Token counting rule (stands in for a tokenizer; documented so tests can predict usage)
     tokens(text) = ceil(len(utf-8 bytes of text) / 4)
     chat prompt = sum over messages of (4 + tokens of each text part [+ 85 per image, audio or
@@ -29,11 +42,14 @@ Token counting rule (stands in for a tokenizer; documented so tests can predict 
     Anthropic input = the same per message (tool_use: tokens(name) + tokens(JSON input);
         tool_result: its content), + tokens of each system text block,
         + ceil(len(JSON of each tool) / 4)
+    Responses input = the chat rule with instructions as a system message and each input
+        item as a message (function_call: tokens(name) + tokens(arguments);
+        function_call_output: its output; reasoning: its summary texts)
     legacy completions and embeddings: tokens(each prompt string), or len(array) for token
         arrays; no per-message overhead
     completion = tokens(generated text), or tokens(arguments JSON) for a tool call
-    OpenAI cached_tokens: largest multiple of 128 <= prompt_tokens / 2 once the prompt is
-        >= 1024 tokens (a deterministic stand-in for automatic prompt caching), else 0.
+    OpenAI cached_tokens (chat and Responses): largest multiple of 128 <= prompt_tokens / 2
+        once the prompt is >= 1024 tokens (a stand-in for automatic prompt caching), else 0.
     OpenAI reasoning models (name contains "reason" or starts with o1/o3/o4):
         reasoning_tokens = completion_tokens // 2, and completion_tokens includes them.
     Anthropic cache_control: blocks up to and including the last cache_control marker (in the
@@ -104,6 +120,8 @@ EMBEDDING_DIMENSIONS: Final = 8
 # Images, audio and files have no text to measure; a flat cost keeps usage predictable.
 MEDIA_PART_TOKENS: Final = 85
 MESSAGE_OVERHEAD_TOKENS: Final = 4
+# The Responses API rejects a smaller max_output_tokens.
+RESPONSES_MIN_OUTPUT_TOKENS: Final = 16
 CACHE_MIN_PROMPT_TOKENS: Final = 1024
 # Anthropic checks for cache hits up to 20 blocks before each breakpoint.
 CACHE_LOOKBACK_BLOCKS: Final = 20
@@ -168,10 +186,11 @@ def install_log_filter() -> None:
 class BadRequest(Exception):
     """A request the real provider would reject with 400."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +553,12 @@ def _stop_list(value: Any, param: str) -> list[str]:
     raise BadRequest(f"'{param}' must be a string or an array of strings", param)
 
 
+def _given(request: dict[str, Any], name: str, default: Any) -> Any:
+    """The request's value for ``name``, or the default the API reports when it is absent."""
+    value = request.get(name)
+    return default if value is None else value
+
+
 @functools.lru_cache(maxsize=4096)
 def embed(key: bytes, dimensions: int) -> tuple[list[float], str]:
     """A unit vector derived from a hash of the input, as floats and as OpenAI's base64."""
@@ -564,9 +589,12 @@ class Stream:
 Reply = bytes | Stream
 
 
-def openai_error_body(status: int, message: str, param: str | None = None) -> bytes:
-    kind, code = _OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "", None))
+def openai_error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> bytes:
+    kind, default_code = _OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "", None))
     kind = kind or "invalid_request_error"
+    code = code or default_code
     return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
@@ -581,10 +609,12 @@ def anthropic_error_body(status: int, message: str) -> bytes:
     )
 
 
-def error_body(dialect: str, status: int, message: str, param: str | None = None) -> bytes:
+def error_body(
+    dialect: str, status: int, message: str, param: str | None = None, code: str | None = None
+) -> bytes:
     if dialect == ANTHROPIC:
         return anthropic_error_body(status, message)
-    return openai_error_body(status, message, param)
+    return openai_error_body(status, message, param, code)
 
 
 async def send_json(
@@ -657,6 +687,7 @@ class MockUpstream:
             "/v1/chat/completions": (OPENAI, self.chat_completions),
             "/v1/completions": (OPENAI, self.completions),
             "/v1/embeddings": (OPENAI, self.embeddings),
+            "/v1/responses": (OPENAI, self.responses),
             "/v1/messages": (ANTHROPIC, self.messages),
             "/v1/messages/count_tokens": (ANTHROPIC, self.count_tokens),
         }
@@ -767,7 +798,8 @@ class MockUpstream:
         try:
             reply = handler(request, model, controls)
         except BadRequest as exc:
-            await send_json(send, 400, error_body(dialect, 400, exc.message, exc.param))
+            body = error_body(dialect, 400, exc.message, exc.param, exc.code)
+            await send_json(send, 400, body)
             return
         if isinstance(reply, Stream):
             await send_stream(send, reply, controls)
@@ -973,6 +1005,116 @@ class MockUpstream:
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
         return orjson.dumps(body)
+
+    # ---- OpenAI Responses --------------------------------------------------------------------
+
+    def responses(self, request: dict[str, Any], model: str, controls: Controls) -> Reply:
+        items = responses_items(request)
+        limit = _int_field(request, "max_output_tokens")
+        if limit is not None and limit < RESPONSES_MIN_OUTPUT_TOKENS:
+            raise BadRequest(
+                "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+                f"{RESPONSES_MIN_OUTPUT_TOKENS}, but got {limit} instead.",
+                "max_output_tokens",
+                "integer_below_min_value",
+            )
+        tools = request.get("tools") if isinstance(request.get("tools"), list) else None
+        instructions = request.get("instructions")
+        prompt_tokens = responses_prompt_tokens(instructions, items, tools)
+        cached = controls.cached_tokens
+        if cached is None:
+            cached = (
+                prompt_tokens // 2 // 128 * 128 if prompt_tokens >= CACHE_MIN_PROMPT_TOKENS else 0
+            )
+        reasoning_model = is_reasoning_model(model)
+        tool = pick_responses_tool(tools, request.get("tool_choice"), items)
+        if tool is not None:
+            parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+            arguments = orjson.dumps(fill_schema(parameters)).decode()
+            output = plan_output(
+                arguments, controls, limit=limit, reasoning_model=reasoning_model, pad_words=False
+            )
+        else:
+            text, is_json = responses_reply_content(request.get("text"), items)
+            output = plan_output(
+                text, controls, limit=limit, reasoning_model=reasoning_model, pad_words=not is_json
+            )
+        incomplete = output.finish == "length"
+        status = "incomplete" if incomplete else "completed"
+        item: dict[str, Any]
+        if tool is not None:
+            item = {
+                "id": _new_id("fc_"),
+                "type": "function_call",
+                "status": status,
+                "arguments": output.text,
+                "call_id": _new_id("call_"),
+                "name": tool["name"],
+            }
+        else:
+            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": output.text}
+            item = {
+                "id": _new_id("msg_"),
+                "type": "message",
+                "status": status,
+                "content": [part],
+                "role": "assistant",
+            }
+        usage = None
+        if not controls.no_usage:
+            usage = {
+                "input_tokens": prompt_tokens,
+                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+                "output_tokens": output.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens},
+                "total_tokens": prompt_tokens + output.completion_tokens,
+            }
+        created = int(time.time())
+        reasoning = request.get("reasoning")
+        text_config = request.get("text")
+        response = {
+            "id": _new_id("resp_"),
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "background": False,
+            "completed_at": None if incomplete else created,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": instructions,
+            "max_output_tokens": limit,
+            "max_tool_calls": request.get("max_tool_calls"),
+            "model": model,
+            "output": [item],
+            "parallel_tool_calls": _given(request, "parallel_tool_calls", True),
+            "previous_response_id": request.get("previous_response_id"),
+            "prompt_cache_key": request.get("prompt_cache_key"),
+            "reasoning": {
+                "effort": "medium" if reasoning_model else None,
+                "summary": None,
+                **(reasoning if isinstance(reasoning, dict) else {}),
+            },
+            "safety_identifier": request.get("safety_identifier"),
+            "service_tier": "default",
+            "store": _given(request, "store", True),
+            "temperature": _given(request, "temperature", 1.0),
+            "text": {
+                "format": {"type": "text"},
+                "verbosity": "medium",
+                **(text_config if isinstance(text_config, dict) else {}),
+            },
+            "tool_choice": _given(request, "tool_choice", "auto"),
+            "tools": responses_tools_echo(tools),
+            "top_logprobs": _given(request, "top_logprobs", 0),
+            "top_p": _given(request, "top_p", 1.0),
+            "truncation": _given(request, "truncation", "disabled"),
+            "usage": usage,
+            "user": request.get("user"),
+            "metadata": request.get("metadata") or {},
+        }
+        if request.get("stream"):
+            return responses_stream(response, output, controls.chunks)
+        return orjson.dumps(response)
 
     # ---- Anthropic ---------------------------------------------------------------------------
 
@@ -1251,6 +1393,124 @@ def _ends_with_tool_result(messages: list[Any]) -> bool:
     )
 
 
+def responses_items(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``input`` of a Responses request as a list of items (a string is one user message)."""
+    value = request.get("input")
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise BadRequest("'input' must be a string or a non-empty array of input items.", "input")
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise BadRequest(
+                f"Invalid type for 'input[{index}]': expected an object.", "input", "invalid_type"
+            )
+        if item.get("type", "message") == "message" and "role" not in item:
+            raise BadRequest(
+                f"Missing required parameter: 'input[{index}].role'.",
+                f"input[{index}].role",
+                "missing_required_parameter",
+            )
+    return value
+
+
+def responses_prompt_tokens(
+    instructions: Any, items: list[dict[str, Any]], tools: list[Any] | None
+) -> int:
+    total = 0
+    if isinstance(instructions, str) and instructions:
+        total += MESSAGE_OVERHEAD_TOKENS + count_tokens(instructions)
+    elif isinstance(instructions, list):
+        items = [item for item in instructions if isinstance(item, dict)] + items
+    for item in items:
+        kind = item.get("type", "message")
+        total += MESSAGE_OVERHEAD_TOKENS
+        if kind == "function_call":
+            total += count_tokens(str(item.get("name", "")))
+            total += count_tokens(str(item.get("arguments", "")))
+        elif kind == "function_call_output":
+            total += content_tokens(item.get("output"))
+        elif kind == "reasoning":
+            total += content_tokens(item.get("summary"))
+        else:
+            total += content_tokens(item.get("content"))
+    if tools:
+        total += _json_tokens(tools)
+    return total
+
+
+def responses_prompt_text(items: list[dict[str, Any]]) -> str:
+    for item in reversed(items):
+        if item.get("type", "message") == "message" and item.get("role") == "user":
+            return content_text(item.get("content"))
+    last = items[-1]
+    if last.get("type") == "function_call_output":
+        return content_text(last.get("output"))
+    return content_text(last.get("content"))
+
+
+def _after_function_output(items: list[dict[str, Any]]) -> bool:
+    """Whether the latest turn returns tool output: a function_call_output, possibly followed
+    by user text (an Anthropic user turn of tool_result plus text, as litellm translates it)."""
+    for item in reversed(items):
+        kind = item.get("type", "message")
+        if kind == "message" and item.get("role") in ("user", "system", "developer"):
+            continue
+        return bool(kind == "function_call_output")
+    return False
+
+
+def pick_responses_tool(
+    tools: list[Any] | None, choice: Any, items: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    if not tools:
+        return None
+    functions = []
+    for index, tool in enumerate(tools):
+        if isinstance(tool, dict) and tool.get("type") == "function":
+            if not isinstance(tool.get("name"), str):
+                # Chat-style {"type": "function", "function": {...}} tools land here, as upstream.
+                raise BadRequest(
+                    f"Missing required parameter: 'tools[{index}].name'.",
+                    f"tools[{index}].name",
+                    "missing_required_parameter",
+                )
+            functions.append(tool)
+    if not functions or choice == "none":
+        return None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        wanted = choice.get("name")
+        for function in functions:
+            if function["name"] == wanted:
+                return function
+        raise BadRequest(f"Tool choice '{wanted}' not found in 'tools' parameter.", "tool_choice")
+    if choice != "required" and _after_function_output(items):
+        return None
+    return functions[0]
+
+
+def responses_tools_echo(tools: list[Any] | None) -> list[Any]:
+    """Tools as the Responses API echoes them: function tools are strict unless told not."""
+    if not tools:
+        return []
+    echoed = []
+    for tool in tools:
+        if isinstance(tool, dict) and tool.get("type") == "function":
+            strict = tool.get("strict")
+            tool = {"type": "function", "description": None, **tool}
+            tool["strict"] = True if strict is None else strict
+        echoed.append(tool)
+    return echoed
+
+
+def responses_reply_content(text_config: Any, items: list[dict[str, Any]]) -> tuple[str, bool]:
+    """Like openai_reply_content, for the Responses ``text.format`` (its schema sits inline)."""
+    fmt = text_config.get("format") if isinstance(text_config, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fmt = {"type": "json_schema", "json_schema": {"schema": fmt.get("schema")}}
+    return openai_reply_content(fmt, [{"role": "user", "content": responses_prompt_text(items)}])
+
+
 # --------------------------------------------------------------------------------------------
 # Streams
 
@@ -1418,6 +1678,71 @@ def anthropic_stream(
     }
     frames.append((_event("message_delta", delta), False))
     frames.append((_event("message_stop", {"type": "message_stop"}), False))
+    return stream
+
+
+def responses_stream(response: dict[str, Any], output: Output, chunks: int) -> Stream:
+    """OpenAI's Responses event sequence for a finished ``response`` with one output item."""
+    stream = Stream()
+    frames = stream.frames
+    sequence = 0
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        nonlocal sequence
+        frames.append((_event(kind, {"type": kind, "sequence_number": sequence, **data}), False))
+        sequence += 1
+
+    opening = {
+        **response,
+        "status": "in_progress",
+        "completed_at": None,
+        "incomplete_details": None,
+        "output": [],
+        "usage": None,
+    }
+    emit("response.created", {"response": opening})
+    emit("response.in_progress", {"response": opening})
+    item = response["output"][0]
+    item_id = item["id"]
+    where = {"item_id": item_id, "output_index": 0}
+    pieces = split_text(output.text, chunks)
+    if item["type"] == "function_call":
+        emit(
+            "response.output_item.added",
+            {"output_index": 0, "item": {**item, "status": "in_progress", "arguments": ""}},
+        )
+        kind = b"response.function_call_arguments.delta"
+        suffix = b"}\n\n"
+    else:
+        emit(
+            "response.output_item.added",
+            {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+        )
+        part = item["content"][0]
+        emit(
+            "response.content_part.added",
+            {**where, "content_index": 0, "part": {**part, "text": ""}},
+        )
+        kind = b"response.output_text.delta"
+        suffix = b',"logprobs":[]}\n\n'
+        where = {**where, "content_index": 0}
+    # Deltas are spliced from byte templates: only the sequence number and the piece vary.
+    prefix = b"event: " + kind + b'\ndata: {"type":"' + kind + b'","sequence_number":'
+    middle = b"," + orjson.dumps(where)[1:-1] + b',"delta":'
+    for piece in pieces:
+        frames.append(
+            (prefix + str(sequence).encode() + middle + orjson.dumps(piece) + suffix, True)
+        )
+        sequence += 1
+    if item["type"] == "function_call":
+        done = {**where, "name": item["name"], "arguments": item["arguments"]}
+        emit("response.function_call_arguments.done", done)
+    else:
+        emit("response.output_text.done", {**where, "text": part["text"], "logprobs": []})
+        emit("response.content_part.done", {**where, "part": part})
+    emit("response.output_item.done", {"output_index": 0, "item": item})
+    final = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+    emit(final, {"response": response})
     return stream
 
 
