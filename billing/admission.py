@@ -542,16 +542,25 @@ async def admit(
     principal: KeyPrincipal,
     request_id: str,
     prompt_tokens: int,
+    prompt_tokens_bound: int,
     max_output_tokens: int,
     prices: Prices,
 ) -> Ticket:
+    """Admit a request or refuse it with 429 (or 503 when Redis is unreachable).
+
+    Rate limits count `prompt_tokens` (the gateway's count) plus the max output;
+    the budget reservation uses `prompt_tokens_bound`, an upper bound of what any
+    provider's tokenizer can report, so the reservation covers the settled cost.
+    """
     now = datetime.now(UTC)
     now_s = time.time()
     budgets = _budgets(principal, now)
     limits = _limits(principal, prompt_tokens + max_output_tokens, now_s)
     if not budgets and not limits:
         return Ticket(reservation_id=NO_TICKET_NEEDED, amount=0, budgets=[], settled=True)
-    amount = max_cost_micro_usd(prompt_tokens, max_output_tokens, prices, principal.markup_percent)
+    amount = max_cost_micro_usd(
+        prompt_tokens_bound, max_output_tokens, prices, principal.markup_percent
+    )
     rid = f"{request_id}:{secrets.token_hex(4)}"
     result = await backend().admit(rid, amount, budgets, limits, now_s)
     outcome = result[0]
@@ -560,9 +569,9 @@ async def admit(
         raise _budget_refusal(budget, int(result[2]), int(result[3]), amount)
     if outcome == "rate":
         limit = limits[int(result[1]) - 1]
-        pttl = int(result[3])
-        retry = pttl / 1000 if pttl > 0 else 60 - (now_s % 60)
-        raise _rate_refusal(limit, retry)
+        # Fixed windows: the limit resets when this minute ends (the counter's own
+        # TTL is longer, to outlive clock skew between processes).
+        raise _rate_refusal(limit, limit.window_start + 60 - now_s)
     used = [int(v) for v in result[1:]]
     return Ticket(
         reservation_id=rid,
@@ -648,3 +657,55 @@ async def release(ticket: Ticket) -> None:
 def apply_headers(response: HttpResponse, ticket: Ticket) -> None:
     for name, value in ticket.headers.items():
         response[name] = value
+
+
+# --- provider rate limits, per deployment ------------------------------------------------
+
+_DEPLOYMENT_LUA = """
+local rpm = tonumber(ARGV[1])
+local tpm = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[3])
+local r = tonumber(redis.call('GET', KEYS[1]) or '0')
+local t = tonumber(redis.call('GET', KEYS[2]) or '0')
+if (rpm > 0 and r + 1 > rpm) or (tpm > 0 and t + tokens > tpm) then
+  return 0
+end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 120, 'NX')
+redis.call('INCRBY', KEYS[2], tokens)
+redis.call('EXPIRE', KEYS[2], 120, 'NX')
+return 1
+"""
+
+_local_deployment_counts: dict[str, int] = {}
+
+
+async def deployment_take(
+    deployment_id: str, rpm: int | None, tpm: int | None, tokens: int
+) -> float | None:
+    """Count one request against a deployment's rpm/tpm for this minute.
+
+    Returns None when it fits, else the seconds until the minute (and the limit) resets.
+    """
+    now_s = time.time()
+    window = int(now_s // 60) * 60
+    rest = 60 - (now_s - window)
+    keys = [f"gw:dep:{deployment_id}:r:{window}", f"gw:dep:{deployment_id}:t:{window}"]
+    if settings.REDIS_URL:
+        client = redis_client.client()
+        try:
+            taken = await redis_client.guarded(
+                client.eval(_DEPLOYMENT_LUA, 2, *keys, rpm or 0, tpm or 0, tokens)
+            )
+        except redis_client.RedisUnavailable as exc:
+            raise unavailable() from exc
+        return None if int(taken) else rest
+    requests = _local_deployment_counts.get(keys[0], 0)
+    used = _local_deployment_counts.get(keys[1], 0)
+    if (rpm and requests + 1 > rpm) or (tpm and used + tokens > tpm):
+        return rest
+    if len(_local_deployment_counts) > 10_000:
+        _local_deployment_counts.clear()
+    _local_deployment_counts[keys[0]] = requests + 1
+    _local_deployment_counts[keys[1]] = used + tokens
+    return None

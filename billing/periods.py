@@ -25,7 +25,9 @@ def current_period(kind: str, tz_name: str, now: datetime | None = None) -> Peri
     now = now or datetime.now(UTC)
     tz = zone(tz_name)
     local = now.astimezone(tz)
-    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    # fold=0: where midnight happens twice (a DST change at 01:00), the day starts
+    # at the first one, whichever pass through the repeated hour `now` is in.
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
     if kind == "total":
         return Period("total", None, None)
     if kind == "daily":

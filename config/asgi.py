@@ -10,6 +10,7 @@ Content-Length alone, before Django reads a byte of them.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import orjson
@@ -40,7 +41,7 @@ class DataPlaneHandler(ASGIHandler):
 
 
 data_plane = DataPlaneHandler()
-_DATA_PLANE_PREFIXES = ("/v1/", "/health/")
+_DATA_PLANE_ROOTS = ("/v1", "/health")
 
 
 def _content_length(scope: dict[str, Any]) -> int:
@@ -68,6 +69,7 @@ async def _refuse_too_large(scope: dict[str, Any], send: Any) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                (b"x-request-id", f"req_{uuid.uuid4().hex}".encode()),
                 (b"connection", b"close"),
             ],
         }
@@ -86,7 +88,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     path = scope.get("path", "")
-    if path.startswith(_DATA_PLANE_PREFIXES):
+    if any(path == root or path.startswith(root + "/") for root in _DATA_PLANE_ROOTS):
         if _content_length(scope) > settings.GATEWAY_MAX_BODY_BYTES:
             await _refuse_too_large(scope, send)
             return

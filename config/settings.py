@@ -219,3 +219,7 @@ GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS",
 # maximum output is unknown.
 GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS = env_int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1)
 GATEWAY_KEY_PREFIX = "sk-gw-"
+# Response cache: default TTL when a request turns it on with `x-gateway-cache: on`,
+# and whether a hit is billed like the original answer (default: hits are free).
+GATEWAY_CACHE_TTL_SECONDS = env_int("GATEWAY_CACHE_TTL_SECONDS", 3600, minimum=1)
+GATEWAY_CACHE_BILL_HITS = env_bool("GATEWAY_CACHE_BILL_HITS", False)

@@ -7,7 +7,7 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Router
 
 from billing.api import SpendOut, spend_report
-from gateway import catalog, proxy
+from gateway import catalog, dialects, proxy
 from gateway.auth import authenticate
 from gateway.errors import GatewayError
 from gateway.routing import routing_tables
@@ -29,12 +29,42 @@ def _json(data: object, status: int = 200) -> HttpResponse:
 
 @router.post("/chat/completions", openapi_extra=_BODY_DOC, summary="Create a chat completion")
 async def chat_completions(request: HttpRequest) -> HttpResponse:
-    return await proxy.handle(request, proxy.CHAT)
+    return await proxy.handle(request, dialects.CHAT)
+
+
+@router.post("/completions", openapi_extra=_BODY_DOC, summary="Create a legacy completion")
+async def completions(request: HttpRequest) -> HttpResponse:
+    return await proxy.handle(request, dialects.COMPLETIONS)
 
 
 @router.post("/embeddings", openapi_extra=_BODY_DOC, summary="Create embeddings")
 async def embeddings(request: HttpRequest) -> HttpResponse:
-    return await proxy.handle(request, proxy.EMBEDDINGS)
+    return await proxy.handle(request, dialects.EMBEDDINGS)
+
+
+@router.post("/responses", openapi_extra=_BODY_DOC, summary="Create a model response (Responses API)")
+async def responses(request: HttpRequest) -> HttpResponse:
+    return await proxy.handle(request, dialects.RESPONSES)
+
+
+@router.post(
+    "/messages",
+    openapi_extra=_BODY_DOC,
+    summary="Create a message (Anthropic Messages API)",
+    tags=["Anthropic-compatible"],
+)
+async def messages(request: HttpRequest) -> HttpResponse:
+    return await proxy.handle(request, dialects.MESSAGES)
+
+
+@router.post(
+    "/messages/count_tokens",
+    openapi_extra=_BODY_DOC,
+    summary="Count a message's input tokens (Anthropic Messages API)",
+    tags=["Anthropic-compatible"],
+)
+async def count_tokens(request: HttpRequest) -> HttpResponse:
+    return _json(await proxy.count_message_tokens(request))
 
 
 @router.get("/models", summary="List the models this key may use")

@@ -50,6 +50,7 @@ class KeyPrincipal:
     team_tpm_limit: int | None
     markup_percent: Decimal
     alert_thresholds: tuple[int, ...]
+    cache_ttl_seconds: int | None
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -91,6 +92,7 @@ def _load(secret_hash: str) -> KeyPrincipal | None:
         team_tpm_limit=team.tpm_limit,
         markup_percent=team.markup_percent,
         alert_thresholds=tuple(int(t) for t in team.alert_thresholds or ()),
+        cache_ttl_seconds=key.cache_ttl_seconds or team.cache_ttl_seconds,
     )
 
 

@@ -28,7 +28,7 @@ def model_card(table: RoutingTable, name: str) -> dict[str, Any]:
     return {
         "id": name,
         "object": "model",
-        "created": table.created.get(name, 0),
+        "created": table.created.get(table.resolve(name), 0),
         "owned_by": first.provider,
         "context_length": min(contexts) if contexts else None,
         "max_output_tokens": min(outputs) if outputs else None,
@@ -44,4 +44,4 @@ def model_card(table: RoutingTable, name: str) -> dict[str, Any]:
 
 
 def models_for(table: RoutingTable, principal: KeyPrincipal) -> list[dict[str, Any]]:
-    return [model_card(table, name) for name in sorted(table.groups) if principal.may_use(name)]
+    return [model_card(table, name) for name in table.public_names() if principal.may_use(name)]

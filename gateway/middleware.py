@@ -11,7 +11,12 @@ from django.utils.decorators import sync_and_async_middleware
 
 from gateway.errors import GatewayError, dialect_for_path
 
-_API_PREFIXES = ("/v1/", "/api/", "/health/")
+_API_ROOTS = ("/v1", "/api", "/health")
+
+
+def is_api_path(path: str) -> bool:
+    """Paths answered in JSON only: the data plane, the management API, health."""
+    return any(path == root or path.startswith(root + "/") for root in _API_ROOTS)
 
 
 def _as_api_error(request: HttpRequest, response: HttpResponse) -> HttpResponse:
@@ -38,7 +43,7 @@ def _as_api_error(request: HttpRequest, response: HttpResponse) -> HttpResponse:
 def _finish(request: HttpRequest, response: HttpResponse, request_id: str) -> HttpResponse:
     if (
         response.status_code >= 400
-        and request.path.startswith(_API_PREFIXES)
+        and is_api_path(request.path)
         and not response.get("content-type", "").startswith("application/json")
     ):
         response = _as_api_error(request, response)

@@ -34,6 +34,8 @@ class Team(models.Model):
     markup_percent = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("0"))
     rpm_limit = models.PositiveIntegerField(null=True, blank=True)
     tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
+    # Response cache for all the team's keys: entries live this long; null is off.
+    cache_ttl_seconds = models.PositiveIntegerField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -62,6 +64,8 @@ class VirtualKey(models.Model):
     )
     rpm_limit = models.PositiveIntegerField(null=True, blank=True)
     tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
+    # Overrides the team's response-cache TTL for this key; null inherits it.
+    cache_ttl_seconds = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -162,3 +166,52 @@ class ConfigVersion(models.Model):
     singleton = models.BooleanField(default=True, unique=True)
     token = models.CharField(max_length=32)
     changed_at = models.DateTimeField(auto_now=True)
+
+
+class ModelGroup(models.Model):
+    """Routing policy for one public model name (all its deployments).
+
+    Without a row, a model uses the defaults below: weighted shuffle, no fallbacks.
+    """
+
+    name = models.CharField(max_length=200, unique=True)
+    routing_strategy = models.CharField(
+        max_length=32, choices=RoutingStrategy.choices, default=RoutingStrategy.SIMPLE_SHUFFLE
+    )
+    # Ordered public model names tried when this one fails with a retryable error.
+    fallbacks = models.JSONField(default=list, blank=True)
+    # Tried instead when the prompt is too long for this model.
+    context_window_fallbacks = models.JSONField(default=list, blank=True)
+    # Tried instead when the provider refuses the content on policy grounds.
+    content_policy_fallbacks = models.JSONField(default=list, blank=True)
+    num_retries = models.PositiveSmallIntegerField(default=2)
+    # First backoff; doubles per retry, with jitter.
+    retry_backoff_seconds = models.FloatField(default=0.5)
+    # A provider asking to wait longer than this (Retry-After) is skipped for the
+    # next model instead of making the client wait.
+    max_retry_after_seconds = models.FloatField(default=10.0)
+    # Failures in a row that open a deployment's circuit, and for how long.
+    allowed_fails = models.PositiveSmallIntegerField(default=3)
+    cooldown_seconds = models.FloatField(default=10.0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelAlias(models.Model):
+    """Another public name for a model, e.g. 'gpt-4' served by a Claude model group."""
+
+    alias = models.CharField(max_length=200, unique=True)
+    target = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["alias"]
+
+    def __str__(self) -> str:
+        return f"{self.alias} -> {self.target}"

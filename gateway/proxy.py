@@ -1,12 +1,14 @@
-"""The data-plane request flow, shared by every OpenAI-dialect endpoint.
+"""The data-plane request flow, shared by every endpoint and both dialects.
 
-    parse → authenticate → validate → route → admit (reserve budget, rate limits)
-          → call the provider → ledger row → settle the reservation → respond
+    authenticate → parse and validate → resolve the model and its fallback chain
+      → admit (reserve budget, count rate limits) → attempts: pick a deployment,
+        call the provider, one ledger row per attempt, retry or fall back on
+        retryable errors → settle the reservation → respond
 
 A ledger row is written before the response is complete: for JSON before the
-response is returned, for a stream before `data: [DONE]` is sent. So a response a
-client has fully received always has its row, even if the process is killed
-right after.
+response is returned, for a stream before its end marker (`data: [DONE]`,
+`message_stop`, `response.completed`) is sent. So a response a client has fully
+received always has its row, even if the process is killed right after.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import re
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import litellm
 import orjson
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -31,22 +32,19 @@ from billing import admission
 from billing.ledger import AttemptRecord, ledger_write
 from billing.models import LedgerStatus
 from billing.pricing import Usage, charged_cost_micro_usd, list_cost_micro_usd, micro_usd_to_str
-from gateway import errors, idempotency, upstream, validation
+from gateway import breaker, errors, idempotency, response_cache, upstream, validation
 from gateway.auth import KeyPrincipal, authenticate
 from gateway.db import run_db
+from gateway.dialects import Endpoint, Tracker, count_text, stream_text, text_bytes
 from gateway.errors import GatewayError
 from gateway.routing import Deployment, RoutingTable, routing_tables
 
 logger = logging.getLogger(__name__)
 
-CHAT = "chat.completions"
-EMBEDDINGS = "embeddings"
-
-_USAGE = re.compile(rb'"usage"\s*:\s*\{')
-
 # Streams whose client left keep being read for this long, so that what the
 # provider generated (and will bill us for) is known and billed.
 STREAM_DRAIN_SECONDS = 60.0
+MAX_BACKOFF_SECONDS = 8.0
 
 # Tasks that outlive their request (stream pumps); kept so they are not collected.
 _background: set[asyncio.Task[Any]] = set()
@@ -57,17 +55,21 @@ class Call:
     """One client request on its way through the gateway."""
 
     request_id: str
-    endpoint: str
+    endpoint: Endpoint
     principal: KeyPrincipal
     model: str
     body: dict[str, Any]
     stream: bool
     started_at: datetime
     started_mono: float
+    headers: dict[str, str]
     end_user: str = ""
     tags: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
     attempts: int = 0
+    charged_micro_usd: int = 0
     claim: idempotency.Claim | None = None
+    cache_key: response_cache.CacheKey | None = None
 
 
 def parse_json_body(request: HttpRequest) -> dict[str, Any]:
@@ -90,129 +92,74 @@ def parse_json_body(request: HttpRequest) -> dict[str, Any]:
     return validation.require_object(body)
 
 
-async def _route(principal: KeyPrincipal, model: str) -> tuple[RoutingTable, list[Deployment]]:
-    table = await routing_tables.get()
-    group = table.group(model)
-    if not group:
-        raise GatewayError(
-            f"The model '{model}' does not exist. GET /v1/models lists the models your key can use.",
-            404,
-            "invalid_request_error",
-            "model_not_found",
-            "model",
-        )
-    if not principal.may_use(model):
-        raise GatewayError(
-            f"This key may not use the model '{model}'. GET /v1/models lists the models it can use.",
-            403,
-            "permission_error",
-            "model_not_allowed",
-            "model",
-        )
-    return table, group
+# --- the model and its fallback chain --------------------------------------------------------
 
 
-async def _pick(table: RoutingTable, call: Call, group: list[Deployment]) -> Deployment:
-    if len(group) == 1:
-        return group[0]
-    try:
-        chosen = await table.router.async_get_available_deployment(
-            model=call.model,
-            messages=call.body.get("messages"),
-            input=call.body.get("input"),
-            request_kwargs={},
-        )
-    except Exception as exc:
-        raise GatewayError(
-            f"No deployment of '{call.model}' is available right now; retry shortly.",
-            503,
-            "server_error",
-            "no_deployment_available",
-        ) from exc
-    return table.deployments.get(chosen["model_info"]["id"], group[0])
-
-
-# --- usage and cost ---------------------------------------------------------------------
-
-
-def usage_from(data: dict[str, Any] | None) -> Usage | None:
-    """OpenAI-convention usage from an OpenAI (or litellm-translated) usage object."""
-    if not isinstance(data, dict):
-        return None
-    prompt = int(data.get("prompt_tokens") or data.get("input_tokens") or 0)
-    completion = int(data.get("completion_tokens") or data.get("output_tokens") or 0)
-    prompt_details = data.get("prompt_tokens_details") or data.get("input_tokens_details") or {}
-    completion_details = (
-        data.get("completion_tokens_details") or data.get("output_tokens_details") or {}
-    )
-    cached = int(prompt_details.get("cached_tokens") or data.get("cache_read_input_tokens") or 0)
-    writes = int(data.get("cache_creation_input_tokens") or 0)
-    reasoning = int(completion_details.get("reasoning_tokens") or 0)
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_read_tokens=cached,
-        cache_write_tokens=writes,
-        reasoning_tokens=reasoning,
+def unknown_model(model: str) -> GatewayError:
+    return GatewayError(
+        f"The model '{model}' does not exist. GET /v1/models lists the models your key can use.",
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
     )
 
 
-def count_prompt_tokens(deployment_model: str, body: dict[str, Any]) -> int:
-    try:
-        if "messages" in body:
-            return int(
-                litellm.token_counter(
-                    model=deployment_model,
-                    messages=body["messages"],
-                    tools=body.get("tools"),
-                    # Never fetch an image URL just to count its tokens.
-                    use_default_image_token_count=True,
-                )
-            )
-        value = body.get("input")
-        texts = (
-            [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
-        )
-        counted = sum(int(litellm.token_counter(model=deployment_model, text=t)) for t in texts)
-        token_arrays = (
-            [v for v in value or [] if isinstance(v, list)] if isinstance(value, list) else []
-        )
-        return counted + sum(len(a) for a in token_arrays)
-    except Exception:
-        # The counter failing must not fail the request; bound by bytes instead
-        # (a token is never shorter than one byte).
-        return len(orjson.dumps(body.get("messages") or body.get("input")))
+def model_not_allowed(model: str) -> GatewayError:
+    return GatewayError(
+        f"This key may not use the model '{model}'. GET /v1/models lists the models it can use.",
+        403,
+        "permission_error",
+        "model_not_allowed",
+        "model",
+    )
 
 
-def _count_text(model: str, text: str) -> int:
-    if not text:
-        return 0
-    try:
-        return int(litellm.token_counter(model=model, text=text, count_response_tokens=True))
-    except Exception:
-        return max(1, len(text.encode()) // 4)
+def _allowed(principal: KeyPrincipal, table: RoutingTable, name: str) -> bool:
+    return principal.may_use(name) or principal.may_use(table.resolve(name))
 
 
-def estimate_stream_completion(model: str, events: list[bytes]) -> int:
-    """Completion tokens of a stream the provider reported no usage for."""
-    parts: list[str] = []
-    for event in events:
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            try:
-                chunk = orjson.loads(line[6:])
-            except orjson.JSONDecodeError:
-                continue
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if isinstance(delta.get("content"), str):
-                    parts.append(delta["content"])
-                for tool_call in delta.get("tool_calls") or []:
-                    function = tool_call.get("function") or {}
-                    parts.append(str(function.get("name") or ""))
-                    parts.append(str(function.get("arguments") or ""))
-    return _count_text(model, "".join(parts))
+def plan(principal: KeyPrincipal, table: RoutingTable, model: str, requested: tuple[str, ...] | None) -> list[str]:
+    """The models to try, in order: the requested one, then its fallbacks."""
+    if not table.group(model):
+        raise unknown_model(model)
+    if not _allowed(principal, table, model):
+        raise model_not_allowed(model)
+    if requested is not None:
+        for name in requested:
+            if not table.group(name):
+                raise unknown_model(name)
+            if not _allowed(principal, table, name):
+                raise model_not_allowed(name)
+        fallbacks = list(requested)
+    else:
+        # Configured fallbacks the key may not use are skipped, not an error.
+        fallbacks = [
+            name
+            for name in table.policy(model).fallbacks
+            if table.group(name) and _allowed(principal, table, name)
+        ]
+    return list(dict.fromkeys([model, *fallbacks]))
+
+
+def _max_output(call: Call, table: RoutingTable, chain: list[str]) -> int:
+    requested = call.endpoint.requested_output(call.body)
+    if requested is not None:
+        return int(requested)
+    return table.max_output_tokens(*chain) or settings.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def _reserved_prompt(call: Call) -> int:
+    """Prompt tokens to reserve: an upper bound whatever tokenizer the provider uses.
+
+    Our count (litellm's tokenizer) can be well below a provider's; no tokenizer
+    makes more tokens than the text has bytes, so the bytes bound the count.
+    """
+    counted = call.prompt_tokens * 5 // 4
+    return max(counted, text_bytes(call.body, call.endpoint.prompt_fields)) + 32
+
+
+# --- ledger rows -----------------------------------------------------------------------------
 
 
 def _record(
@@ -225,22 +172,27 @@ def _record(
     http_status: int | None = None,
     error_type: str = "",
     ttft_ms: int | None = None,
+    cache_hit: bool = False,
 ) -> AttemptRecord:
     usage = usage or Usage()
     prices = deployment.prices if deployment else None
-    list_cost = list_cost_micro_usd(usage, prices) if prices else 0
-    charged = charged_cost_micro_usd(usage, prices, call.principal.markup_percent) if prices else 0
-    ended = timezone.now()
+    billable = prices is not None and not (cache_hit and not settings.GATEWAY_CACHE_BILL_HITS)
+    list_cost = list_cost_micro_usd(usage, prices) if billable and prices else 0
+    charged = (
+        charged_cost_micro_usd(usage, prices, call.principal.markup_percent)
+        if billable and prices
+        else 0
+    )
     return AttemptRecord(
         request_id=call.request_id,
         attempt=call.attempts,
         team_id=call.principal.team_id,
         key_id=call.principal.key_id,
-        endpoint=call.endpoint,
+        endpoint=call.endpoint.name,
         model=call.model,
         status=status,
         started_at=call.started_at,
-        ended_at=ended,
+        ended_at=timezone.now(),
         usage=usage,
         usage_estimated=estimated,
         list_cost_micro_usd=list_cost,
@@ -250,6 +202,7 @@ def _record(
         provider_model=deployment.provider_model if deployment else "",
         http_status=http_status,
         error_type=error_type,
+        cache_hit=cache_hit,
         stream=call.stream,
         latency_ms=int((time.monotonic() - call.started_mono) * 1000),
         ttft_ms=ttft_ms,
@@ -258,11 +211,12 @@ def _record(
     )
 
 
-async def _write(record: AttemptRecord) -> None:
+async def _write(call: Call, record: AttemptRecord) -> None:
     await run_db(ledger_write, [record])
+    call.charged_micro_usd += record.charged_cost_micro_usd
 
 
-# --- error mapping ------------------------------------------------------------------------
+# --- error mapping ---------------------------------------------------------------------------
 
 
 def client_error(exc: upstream.UpstreamError) -> GatewayError:
@@ -332,79 +286,96 @@ def client_error(exc: upstream.UpstreamError) -> GatewayError:
     )
 
 
-# --- the flow -----------------------------------------------------------------------------------
+def no_deployment(model: str) -> GatewayError:
+    return GatewayError(
+        f"Every deployment of '{model}' is cooling down after failures or at its rate limit; "
+        "retry shortly.",
+        503,
+        "server_error",
+        "no_deployment_available",
+        headers={"retry-after": "1"},
+    )
 
 
-def _gateway_headers(response: HttpResponse, call: Call, deployment: Deployment | None) -> None:
-    response["x-gateway-request-id"] = call.request_id
-    response["x-gateway-attempts"] = str(call.attempts)
-    if deployment is not None:
-        response["x-gateway-model"] = deployment.provider_model
+_CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long")
+_POLICY_HINTS = ("content_policy", "content policy", "content_filter", "safety system")
 
 
-def _upstream_body(call: Call) -> dict[str, Any]:
-    body = {k: v for k, v in call.body.items() if k not in validation.GATEWAY_PARAMS}
-    # `metadata` is ours (tags); a provider only sees it for stored completions.
-    metadata = call.body.get("metadata")
-    if call.body.get("store") and isinstance(metadata, dict):
-        rest = {k: v for k, v in metadata.items() if k != "tags"}
-        if rest:
-            body["metadata"] = rest
-    return body
+def _kind(exc: upstream.UpstreamError) -> str:
+    """retry | context | content_policy | deployment | client."""
+    if exc.kind in ("timeout", "connection") or exc.status in (408, 429, 500, 502, 503, 504, 529):
+        return "retry"
+    text = f"{exc.provider_code or ''} {exc.message}".lower()
+    if exc.status == 400 and any(hint in text for hint in _CONTEXT_HINTS):
+        return "context"
+    if exc.status == 400 and any(hint in text for hint in _POLICY_HINTS):
+        return "content_policy"
+    if exc.status in (401, 403, 404):
+        return "deployment"  # our configuration's problem: try the next model, not this one again
+    return "client"
 
 
-async def handle(request: HttpRequest, endpoint: str) -> HttpResponse:
+def _backoff(retry: int, exc: upstream.UpstreamError, base: float, cap: float) -> float | None:
+    """Seconds to wait before retry number `retry` (0-based); None: don't wait, fall back."""
+    if exc.retry_after is not None:
+        return exc.retry_after if exc.retry_after <= cap else None
+    # Exponential with full jitter around the nominal delay.
+    return min(MAX_BACKOFF_SECONDS, base * (2**retry)) * random.uniform(0.5, 1.5)  # noqa: S311
+
+
+# --- the flow ------------------------------------------------------------------------------------
+
+
+async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponse:
     started_mono = time.monotonic()
     principal = await authenticate(request)
     body = parse_json_body(request)
     idempotency_key = idempotency.header_value(request.headers.get("idempotency-key"))
-    if endpoint == EMBEDDINGS:
-        model, stream = validation.validate_embeddings(body), False
-    else:
-        model, stream = validation.validate_chat(body)
+    parsed = endpoint.validate(body)
     call = Call(
         request_id=request.request_id,  # type: ignore[attr-defined]
         endpoint=endpoint,
         principal=principal,
-        model=model,
+        model=parsed.model,
         body=body,
-        stream=stream,
+        stream=parsed.stream,
         started_at=timezone.now(),
         started_mono=started_mono,
-        end_user=body.get("user") or "",
+        headers={k.lower(): v for k, v in request.headers.items()},
+        end_user=parsed.end_user,
         tags=validation.tags_from(request.headers.get("x-gateway-tags"), body.get("metadata")),
     )
-    table, group = await _route(principal, model)
+    table = await routing_tables.get()
+    chain = plan(principal, table, call.model, parsed.fallbacks)
     if idempotency_key:
         call.claim = await idempotency.claim(
             principal.key_id,
             idempotency_key,
-            idempotency.fingerprint({"endpoint": endpoint, "body": body}),
+            idempotency.fingerprint({"endpoint": endpoint.name, "body": body}),
             wait_seconds=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
         )
         if call.claim.replay is not None:
             return _replay(call.claim.replay)
+    ticket: admission.Ticket | None = None
     try:
-        prompt_tokens = count_prompt_tokens(group[0].provider_model, body)
+        call.cache_key = response_cache.key_for(principal, request, endpoint.name, call.model, body)
+        if call.cache_key is not None:
+            hit = await response_cache.lookup(call.cache_key)
+            if hit is not None:
+                return await _serve_hit(call, table, hit)
+        call.prompt_tokens = endpoint.count_prompt(table.group(call.model)[0].provider_model, body)
         ticket = await admission.admit(
             principal=principal,
             request_id=call.request_id,
-            prompt_tokens=prompt_tokens,
-            max_output_tokens=_max_output_tokens(call, table),
-            prices=table.max_prices(model),
+            prompt_tokens=call.prompt_tokens,
+            prompt_tokens_bound=_reserved_prompt(call),
+            max_output_tokens=_max_output(call, table, chain),
+            prices=table.max_prices(*chain),
         )
+        return await _attempts(call, table, chain, ticket)
     except BaseException:
-        if call.claim is not None:
-            await idempotency.release(call.claim)
-        raise
-    try:
-        deployment = await _pick(table, call, group)
-        if stream:
-            return await _stream(call, deployment, ticket)
-        return await _json(call, deployment, ticket)
-    except BaseException:
-        if not ticket.settled:
-            await admission.release(ticket)
+        if ticket is not None and not ticket.settled:
+            await admission.settle(ticket, call.charged_micro_usd)
         if call.claim is not None:
             await idempotency.release(call.claim)
         raise
@@ -428,55 +399,102 @@ def _replay(stored: idempotency.Stored) -> HttpResponse:
     return response
 
 
-def _max_output_tokens(call: Call, table: RoutingTable) -> int:
-    if call.endpoint == EMBEDDINGS:
-        return 0
-    body = call.body
-    requested = body.get("max_completion_tokens") or body.get("max_tokens")
-    n = int(body.get("n") or 1)
-    cap = table.max_output_tokens(call.model) or settings.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS
-    return int(requested or cap) * n
+async def _attempts(
+    call: Call, table: RoutingTable, chain: list[str], ticket: admission.Ticket
+) -> HttpResponse:
+    last: upstream.UpstreamError | None = None
+    tried_any = False
+    queue = list(chain)
+    while queue:
+        group = queue.pop(0)
+        policy = table.policy(group)
+        if _too_long(call, table, group):
+            if policy.context_window_fallbacks:
+                queue = _fallback_queue(call, table, policy.context_window_fallbacks)
+            continue
+        for retry in range(policy.num_retries + 1):
+            try:
+                deployment = await breaker.pick(
+                    table, group, call.body, call.prompt_tokens + _max_output(call, table, [group])
+                )
+            except breaker.NoDeployment:
+                break
+            tried_any = True
+            call.attempts += 1
+            began = datetime.now()
+            breaker.started(table, group, deployment, call.stream)
+            try:
+                if call.stream:
+                    return await _stream(call, table, group, deployment, ticket, began)
+                return await _json(call, table, group, deployment, ticket, began)
+            except upstream.UpstreamError as exc:
+                last = exc
+                kind = _kind(exc)
+                await _write(
+                    call,
+                    _record(call, deployment, status=LedgerStatus.ERROR, usage=None,
+                            http_status=exc.status, error_type=exc.kind),
+                )
+                await breaker.failed(
+                    table, group, deployment, policy, status=exc.status, retry_after=exc.retry_after,
+                    counts=kind != "client", stream=call.stream, began=began,
+                )
+                if kind == "client":
+                    raise client_error(exc) from exc
+                if kind == "context":
+                    queue = _fallback_queue(call, table, policy.context_window_fallbacks)
+                    break
+                if kind == "content_policy":
+                    if not policy.content_policy_fallbacks:
+                        raise client_error(exc) from exc
+                    queue = _fallback_queue(call, table, policy.content_policy_fallbacks)
+                    break
+                if kind == "deployment" or retry == policy.num_retries:
+                    break
+                wait = _backoff(retry, exc, policy.retry_backoff_seconds, policy.max_retry_after_seconds)
+                if wait is None:
+                    break
+                await asyncio.sleep(wait)
+    if last is not None:
+        raise client_error(last)
+    if not tried_any and _too_long(call, table, call.model):
+        raise GatewayError(
+            f"The prompt ({call.prompt_tokens} tokens) is longer than '{call.model}' accepts, "
+            "and no model with a larger context is configured as its fallback.",
+            400,
+            "invalid_request_error",
+            "context_length_exceeded",
+            "messages",
+        )
+    raise no_deployment(call.model)
 
 
-async def _json(call: Call, deployment: Deployment, ticket: admission.Ticket) -> HttpResponse:
-    call.attempts += 1
-    try:
-        answer = await upstream.call_json(deployment, call.endpoint, _upstream_body(call))
-    except upstream.UpstreamError as exc:
-        record = _record(
-            call,
-            deployment,
-            status=LedgerStatus.ERROR,
-            usage=None,
-            http_status=exc.status,
-            error_type=exc.kind,
-        )
-        await _write(record)
-        await admission.settle(ticket, record.charged_cost_micro_usd)
-        raise client_error(exc) from exc
-    usage = usage_from(answer.data.get("usage"))
-    estimated = usage is None
-    if usage is None:
-        usage = Usage(prompt_tokens=count_prompt_tokens(deployment.provider_model, call.body))
-    record = _record(
-        call,
-        deployment,
-        status=LedgerStatus.SUCCESS,
-        usage=usage,
-        estimated=estimated,
-        http_status=200,
-    )
-    await _write(record)
-    await admission.settle(ticket, record.charged_cost_micro_usd)
-    response = HttpResponse(answer.body, content_type="application/json")
-    _gateway_headers(response, call, deployment)
-    response["x-gateway-cost-usd"] = micro_usd_to_str(record.charged_cost_micro_usd)
-    if call.claim is not None:
-        await idempotency.complete(
-            call.claim, idempotency.Stored(200, _replayable_headers(response), body=answer.body)
-        )
-    admission.apply_headers(response, ticket)
-    return response
+def _fallback_queue(call: Call, table: RoutingTable, names: tuple[str, ...]) -> list[str]:
+    return [n for n in names if table.group(n) and _allowed(call.principal, table, n)]
+
+
+def _too_long(call: Call, table: RoutingTable, group: str) -> bool:
+    limits = [d.context_length for d in table.group(group) if d.context_length]
+    return bool(limits) and call.prompt_tokens > max(limits)
+
+
+def _gateway_headers(response: HttpResponse, call: Call, deployment: Deployment | None) -> None:
+    response["x-gateway-request-id"] = call.request_id
+    response["x-gateway-attempts"] = str(call.attempts)
+    if deployment is not None:
+        response["x-gateway-model"] = deployment.provider_model
+
+
+def _upstream_body(call: Call) -> dict[str, Any]:
+    body = {k: v for k, v in call.body.items() if k not in validation.GATEWAY_PARAMS}
+    metadata = call.body.get("metadata")
+    if isinstance(metadata, dict):
+        rest = {k: v for k, v in metadata.items() if k != "tags"}
+        # `metadata` is the gateway's (tags) on chat; a provider sees the rest only
+        # where its API defines it: stored chat completions, Responses, Messages.
+        if rest and (call.endpoint.name != "chat.completions" or call.body.get("store")):
+            body["metadata"] = rest
+    return body
 
 
 def _replayable_headers(response: HttpResponse) -> dict[str, str]:
@@ -485,28 +503,90 @@ def _replayable_headers(response: HttpResponse) -> dict[str, str]:
     }
 
 
-async def _stream(call: Call, deployment: Deployment, ticket: admission.Ticket) -> HttpResponse:
+async def _json(
+    call: Call,
+    table: RoutingTable,
+    group: str,
+    deployment: Deployment,
+    ticket: admission.Ticket,
+    began: datetime,
+) -> HttpResponse:
+    answer = await call.endpoint.call_json(deployment, _upstream_body(call), call.headers)
+    usage = call.endpoint.usage_from_json(answer.data)
+    estimated = usage is None
+    if usage is None:
+        usage = Usage(prompt_tokens=call.prompt_tokens)
+    record = _record(
+        call, deployment, status=LedgerStatus.SUCCESS, usage=usage, estimated=estimated,
+        http_status=200,
+    )
+    await _write(call, record)
+    await admission.settle(ticket, call.charged_micro_usd)
+    await breaker.succeeded(table, group, deployment, stream=False, began=began, first_byte=None)
+    response = HttpResponse(answer.body, content_type="application/json")
+    _gateway_headers(response, call, deployment)
+    response["x-gateway-cost-usd"] = micro_usd_to_str(call.charged_micro_usd)
+    if call.cache_key is not None:
+        response["x-gateway-cache"] = "miss"
+        await response_cache.store(call.cache_key, response_cache.Entry(
+            body=answer.body, events=[], deployment_id=deployment.id, usage=usage))
+    if call.claim is not None:
+        await idempotency.complete(
+            call.claim, idempotency.Stored(200, _replayable_headers(response), body=answer.body)
+        )
+    admission.apply_headers(response, ticket)
+    return response
+
+
+async def _serve_hit(call: Call, table: RoutingTable, hit: response_cache.Entry) -> HttpResponse:
+    """A cached answer: no provider call, one ledger row marked as a cache hit."""
+    deployment = table.deployments.get(hit.deployment_id)
+    call.attempts = 1
+    record = _record(
+        call, deployment, status=LedgerStatus.SUCCESS, usage=hit.usage, http_status=200,
+        cache_hit=True,
+    )
+    await _write(call, record)
+    response: HttpResponse
+    if hit.events:
+        events = list(hit.events)
+
+        async def again() -> AsyncIterator[bytes]:
+            for event in events:
+                yield event
+
+        response = StreamingHttpResponse(again(), content_type="text/event-stream")
+    else:
+        response = HttpResponse(hit.body, content_type="application/json")
+    _gateway_headers(response, call, deployment)
+    response["x-gateway-cost-usd"] = micro_usd_to_str(call.charged_micro_usd)
+    response["x-gateway-cache"] = "hit"
+    if call.claim is not None:
+        await idempotency.complete(
+            call.claim, idempotency.Stored(200, _replayable_headers(response), body=hit.body,
+                                           events=hit.events, stream=bool(hit.events))
+        )
+    return response
+
+
+async def _stream(
+    call: Call,
+    table: RoutingTable,
+    group: str,
+    deployment: Deployment,
+    ticket: admission.Ticket,
+    began: datetime,
+) -> HttpResponse:
     body = _upstream_body(call)
+    body["stream"] = True
     options = body.get("stream_options") or {}
     client_wants_usage = bool(options.get("include_usage"))
-    # Always ask for the usage chunk: it is what the stream is billed from.
-    body["stream_options"] = {**options, "include_usage": True}
-    call.attempts += 1
-    try:
-        handle = await upstream.open_stream(deployment, body)
-    except upstream.UpstreamError as exc:
-        record = _record(
-            call,
-            deployment,
-            status=LedgerStatus.ERROR,
-            usage=None,
-            http_status=exc.status,
-            error_type=exc.kind,
-        )
-        await _write(record)
-        await admission.settle(ticket, record.charged_cost_micro_usd)
-        raise client_error(exc) from exc
-    relay = StreamRelay(call, deployment, ticket, handle, client_wants_usage)
+    if call.endpoint.asks_for_usage:
+        # Always ask for the usage chunk: it is what the stream is billed from.
+        body["stream_options"] = {**options, "include_usage": True}
+    handle = await call.endpoint.open_stream(deployment, body, call.headers)
+    relay = StreamRelay(call, table, group, deployment, ticket, handle, began,
+                        call.endpoint.tracker(client_wants_usage))
     # The pump runs in a fresh context so it can finish billing after the client's
     # request is torn down (Django refuses ORM work from a finished request's context).
     task = asyncio.get_running_loop().create_task(relay.pump(), context=contextvars.Context())
@@ -516,6 +596,8 @@ async def _stream(call: Call, deployment: Deployment, ticket: admission.Ticket) 
     response["cache-control"] = "no-cache"
     response["x-accel-buffering"] = "no"
     _gateway_headers(response, call, deployment)
+    if call.cache_key is not None:
+        response["x-gateway-cache"] = "miss"
     relay.headers = _replayable_headers(response)
     admission.apply_headers(response, ticket)
     return response
@@ -532,18 +614,24 @@ class StreamRelay:
     def __init__(
         self,
         call: Call,
+        table: RoutingTable,
+        group: str,
         deployment: Deployment,
         ticket: admission.Ticket,
         handle: upstream.StreamHandle,
-        client_wants_usage: bool,
+        began: datetime,
+        tracker: Tracker,
     ) -> None:
         self.call = call
+        self.table = table
+        self.group = group
         self.deployment = deployment
         self.ticket = ticket
         self.handle = handle
-        self.client_wants_usage = client_wants_usage
+        self.began = began
+        self.tracker = tracker
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        # Everything sent to the client, kept for an idempotent replay.
+        # Everything sent to the client, kept for an idempotent replay or the cache.
         self.sent: list[bytes] = []
         self.headers: dict[str, str] = {}
         self.client_gone = False
@@ -552,7 +640,7 @@ class StreamRelay:
 
     def _send(self, event: bytes) -> None:
         self.queue.put_nowait(event)
-        if self.call.claim is not None:
+        if self.call.claim is not None or self.call.cache_key is not None:
             self.sent.append(event)
 
     def _client_left(self) -> None:
@@ -576,8 +664,8 @@ class StreamRelay:
 
     async def pump(self) -> None:
         events: list[bytes] = []
-        usage: Usage | None = None
         failure: upstream.UpstreamError | None = None
+        first_byte: datetime | None = None
         ttft_ms: int | None = None
         try:
             async with asyncio.timeout(None) as deadline:
@@ -586,23 +674,21 @@ class StreamRelay:
                     self._client_left()
                 async for event in self.handle.events:
                     if ttft_ms is None:
+                        first_byte = datetime.now()
                         ttft_ms = int((time.monotonic() - self.call.started_mono) * 1000)
-                    if event.startswith(b"data: [DONE]"):
-                        continue
                     events.append(event)
-                    forward = True
-                    if _USAGE.search(event):
-                        try:
-                            chunk = orjson.loads(event[event.index(b"{") :])
-                        except (orjson.JSONDecodeError, ValueError):
-                            chunk = {}
-                        found = usage_from(chunk.get("usage"))
-                        if found is not None:
-                            usage = found
-                        if not self.client_wants_usage and not chunk.get("choices"):
-                            forward = False
-                    if forward and not self.client_gone:
-                        self._send(event)
+                    forward = self.tracker.feed(event)
+                    if forward is not None and not self.client_gone:
+                        self._send(forward)
+            if self.tracker.provider_error is not None:
+                failure = upstream.UpstreamError(
+                    502, upstream.sanitise(self.tracker.provider_error), partial=True
+                )
+            elif not self.tracker.ended:
+                failure = upstream.UpstreamError(
+                    502, "The provider's stream ended before it was complete.", "connection",
+                    partial=True,
+                )
         except upstream.UpstreamError as exc:
             failure = exc
         except TimeoutError:
@@ -616,21 +702,22 @@ class StreamRelay:
                     await self.handle.close()
                 except Exception:  # noqa: S110 - closing a dead connection may fail; nothing to do
                     pass
-        await self._finish(events, usage, failure, ttft_ms)
+        await self._finish(events, failure, first_byte, ttft_ms)
 
     async def _finish(
         self,
         events: list[bytes],
-        usage: Usage | None,
         failure: upstream.UpstreamError | None,
+        first_byte: datetime | None,
         ttft_ms: int | None,
     ) -> None:
-        call, deployment = self.call, self.deployment
+        call, deployment, tracker = self.call, self.deployment, self.tracker
+        usage = tracker.usage
         estimated = usage is None
-        if usage is None:
+        if usage is None and events:
             usage = Usage(
-                prompt_tokens=count_prompt_tokens(deployment.provider_model, call.body),
-                completion_tokens=estimate_stream_completion(deployment.provider_model, events),
+                prompt_tokens=call.prompt_tokens,
+                completion_tokens=count_text(deployment.provider_model, stream_text(events)),
             )
         if self.client_gone:
             status = LedgerStatus.CLIENT_DISCONNECTED
@@ -642,7 +729,7 @@ class StreamRelay:
             call,
             deployment,
             status=status,
-            usage=usage if (events or failure is None) else None,
+            usage=usage,
             estimated=estimated,
             http_status=200 if failure is None else failure.status,
             error_type=failure.kind if failure else "",
@@ -650,24 +737,32 @@ class StreamRelay:
         )
         written = False
         try:
-            await _write(record)
+            await _write(call, record)
             written = True
         except Exception:
             logger.exception("ledger write failed for stream %s", call.request_id)
         try:
-            await admission.settle(self.ticket, record.charged_cost_micro_usd)
+            await admission.settle(self.ticket, call.charged_micro_usd)
         except Exception:
             logger.exception("settling reservation failed for %s", call.request_id)
-        if failure is None and written:
-            cost = micro_usd_to_str(record.charged_cost_micro_usd)
-            # SSE comment lines are ignored by clients; this one carries the final cost.
-            self._send(f": x-gateway-cost-usd {cost}\n\n".encode())
-            self._send(b"data: [DONE]\n\n")
-            if call.claim is not None:
-                await idempotency.complete(
-                    call.claim,
-                    idempotency.Stored(200, self.headers, events=self.sent, stream=True),
+        try:
+            if failure is None:
+                await breaker.succeeded(
+                    self.table, self.group, deployment, stream=True, began=self.began,
+                    first_byte=first_byte,
                 )
+            else:
+                await breaker.failed(
+                    self.table, self.group, deployment, self.table.policy(self.group),
+                    status=failure.status, retry_after=None, counts=True, stream=True,
+                    began=self.began,
+                )
+        except Exception:
+            logger.exception("router feedback failed for %s", call.request_id)
+        if failure is None and written:
+            for event in tracker.finish(micro_usd_to_str(call.charged_micro_usd)):
+                self._send(event)
+            await self._remember(usage)
         else:
             if call.claim is not None:
                 await idempotency.release(call.claim)
@@ -681,7 +776,49 @@ class StreamRelay:
                     "ledger_unavailable",
                 )
             )
-            # An error event instead of [DONE]: the client sees a failure, never a
-            # silently truncated success.
-            self.queue.put_nowait(b"data: " + orjson.dumps(error.openai_body()) + b"\n\n")
+            # An error event instead of the end marker: the client sees a failure,
+            # never a silently truncated success.
+            self.queue.put_nowait(call.endpoint.error_event(error))
         self.queue.put_nowait(None)
+
+    async def _remember(self, usage: Usage | None) -> None:
+        call = self.call
+        if call.claim is not None:
+            await idempotency.complete(
+                call.claim, idempotency.Stored(200, self.headers, events=self.sent, stream=True)
+            )
+        if call.cache_key is not None and usage is not None:
+            await response_cache.store(
+                call.cache_key,
+                response_cache.Entry(body=b"", events=self.sent, deployment_id=self.deployment.id,
+                                     usage=usage),
+            )
+
+
+async def count_message_tokens(request: HttpRequest) -> dict[str, int]:
+    """Anthropic's /v1/messages/count_tokens: the provider's count where it has one."""
+    principal = await authenticate(request)
+    body = parse_json_body(request)
+    validation.refuse_overrides(body)
+    probe = {**body, "max_tokens": 1}
+    parsed = validation.validate_messages(probe)
+    table = await routing_tables.get()
+    plan(principal, table, parsed.model, None)
+    deployment = table.group(parsed.model)[0]
+    if deployment.provider == "anthropic":
+        url, headers = upstream.anthropic_target(
+            deployment, {k.lower(): v for k, v in request.headers.items()}
+        )
+        payload = upstream.passthrough_payload(
+            deployment, {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools")}
+        )
+        try:
+            answer = await upstream.passthrough_json(
+                (url + "/count_tokens", headers), deployment, payload
+            )
+            return {"input_tokens": int(answer.data["input_tokens"])}
+        except (upstream.UpstreamError, KeyError, TypeError, ValueError):
+            logger.warning("provider token count failed; counting locally")
+    from gateway.dialects import MESSAGES
+
+    return {"input_tokens": MESSAGES.count_prompt(deployment.provider_model, body)}

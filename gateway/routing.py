@@ -20,7 +20,7 @@ from django.conf import settings
 from billing.pricing import ZERO, Prices, per_million_from_per_token
 from gateway.crypto import decrypt_secret
 from gateway.db import run_db
-from gateway.models import ConfigVersion, ModelDeployment
+from gateway.models import ConfigVersion, ModelAlias, ModelDeployment, ModelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +49,60 @@ class Deployment:
     capabilities: dict[str, bool]
     drop_unsupported_params: bool
     mode: str
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPolicy:
+    """How one public model is routed; defaults apply to a model with no ModelGroup row."""
+
+    strategy: str = "simple-shuffle"
+    fallbacks: tuple[str, ...] = ()
+    context_window_fallbacks: tuple[str, ...] = ()
+    content_policy_fallbacks: tuple[str, ...] = ()
+    num_retries: int = 2
+    retry_backoff_seconds: float = 0.5
+    max_retry_after_seconds: float = 10.0
+    allowed_fails: int = 3
+    cooldown_seconds: float = 10.0
+
+
+DEFAULT_POLICY = GroupPolicy()
 
 
 @dataclass
 class RoutingTable:
     token: str
-    router: Any  # litellm.Router, or None when nothing is configured
+    # One litellm Router per public model, each with that model's routing strategy.
+    routers: dict[str, Any] = field(default_factory=dict)
     deployments: dict[str, Deployment] = field(default_factory=dict)
     groups: dict[str, list[Deployment]] = field(default_factory=dict)
+    policies: dict[str, GroupPolicy] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
     # Public model name → when its first deployment was created (epoch seconds).
     created: dict[str, int] = field(default_factory=dict)
 
-    def group(self, name: str) -> list[Deployment]:
-        return self.groups.get(name, [])
+    def resolve(self, name: str) -> str:
+        """The model group a public name (or alias) is served by."""
+        return name if name in self.groups else self.aliases.get(name, name)
 
-    def max_prices(self, name: str) -> Prices:
-        """The highest price of each kind across a group: what admission reserves at."""
-        members = self.group(name)
+    def group(self, name: str) -> list[Deployment]:
+        return self.groups.get(self.resolve(name), [])
+
+    def policy(self, name: str) -> GroupPolicy:
+        return self.policies.get(self.resolve(name), DEFAULT_POLICY)
+
+    def router(self, name: str) -> Any:
+        return self.routers.get(self.resolve(name))
+
+    def public_names(self) -> list[str]:
+        names = set(self.groups) | {a for a, target in self.aliases.items() if target in self.groups}
+        return sorted(names)
+
+    def max_prices(self, *names: str) -> Prices:
+        """The highest price of each kind across groups: what admission reserves at."""
+        members = [d for name in names for d in self.group(name)]
         if not members:
             return Prices(ZERO, ZERO, ZERO, ZERO, ZERO)
         return Prices(
@@ -76,8 +113,8 @@ class RoutingTable:
             reasoning=max(d.prices.reasoning for d in members),
         )
 
-    def max_output_tokens(self, name: str) -> int | None:
-        limits = [d.max_output_tokens for d in self.group(name) if d.max_output_tokens]
+    def max_output_tokens(self, *names: str) -> int | None:
+        limits = [d.max_output_tokens for n in names for d in self.group(n) if d.max_output_tokens]
         return max(limits) if limits else None
 
 
@@ -156,6 +193,8 @@ def snapshot(row: ModelDeployment) -> Deployment:
         capabilities=capabilities,
         drop_unsupported_params=row.drop_unsupported_params,
         mode=str(entry.get("mode") or ("embedding" if "embed" in row.provider_model else "chat")),
+        rpm_limit=row.rpm_limit,
+        tpm_limit=row.tpm_limit,
     )
 
 
@@ -173,12 +212,11 @@ def _litellm_entry(row: ModelDeployment, deployment: Deployment) -> dict[str, An
         params["api_base"] = row.api_base
     if row.api_version:
         params["api_version"] = row.api_version
-    if row.rpm_limit:
-        params["rpm"] = row.rpm_limit
-    if row.tpm_limit:
-        params["tpm"] = row.tpm_limit
     if row.priority is not None:
         params["order"] = row.priority
+    # Cost-based routing ranks deployments by these (litellm wants USD per token).
+    params["input_cost_per_token"] = float(deployment.prices.input) / 1_000_000
+    params["output_cost_per_token"] = float(deployment.prices.output) / 1_000_000
     return {
         "model_name": row.name,
         "litellm_params": params,
@@ -186,22 +224,46 @@ def _litellm_entry(row: ModelDeployment, deployment: Deployment) -> dict[str, An
     }
 
 
-def _load_rows() -> tuple[str, list[ModelDeployment]]:
-    version = ConfigVersion.objects.filter(singleton=True).values_list("token", flat=True).first()
-    rows = list(ModelDeployment.objects.filter(enabled=True).order_by("name", "id"))
-    return version or "", rows
+@dataclass
+class _Config:
+    token: str
+    rows: list[ModelDeployment]
+    groups: list[ModelGroup]
+    aliases: list[ModelAlias]
 
 
-def _current_token() -> str:
-    return (
-        ConfigVersion.objects.filter(singleton=True).values_list("token", flat=True).first() or ""
+def _load_config() -> _Config:
+    return _Config(
+        token=_current_token(),
+        rows=list(ModelDeployment.objects.filter(enabled=True).order_by("name", "id")),
+        groups=list(ModelGroup.objects.all()),
+        aliases=list(ModelAlias.objects.all()),
     )
 
 
-def build_table(token: str, rows: list[ModelDeployment]) -> RoutingTable:
-    table = RoutingTable(token=token, router=None)
-    model_list = []
-    for row in rows:
+def _current_token() -> str:
+    token = ConfigVersion.objects.filter(singleton=True).values_list("token", flat=True).first()
+    return token or ""
+
+
+def _policy(row: ModelGroup) -> GroupPolicy:
+    return GroupPolicy(
+        strategy=row.routing_strategy,
+        fallbacks=tuple(row.fallbacks or ()),
+        context_window_fallbacks=tuple(row.context_window_fallbacks or ()),
+        content_policy_fallbacks=tuple(row.content_policy_fallbacks or ()),
+        num_retries=row.num_retries,
+        retry_backoff_seconds=row.retry_backoff_seconds,
+        max_retry_after_seconds=row.max_retry_after_seconds,
+        allowed_fails=row.allowed_fails,
+        cooldown_seconds=row.cooldown_seconds,
+    )
+
+
+def build_table(config: _Config) -> RoutingTable:
+    table = RoutingTable(token=config.token)
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for row in config.rows:
         try:
             deployment = snapshot(row)
             entry = _litellm_entry(row, deployment)
@@ -211,14 +273,18 @@ def build_table(token: str, rows: list[ModelDeployment]) -> RoutingTable:
             continue
         table.deployments[deployment.id] = deployment
         table.groups.setdefault(deployment.name, []).append(deployment)
+        entries.setdefault(deployment.name, []).append(entry)
         created = int(row.created_at.timestamp())
         table.created[deployment.name] = min(table.created.get(deployment.name, created), created)
-        model_list.append(entry)
-    if model_list:
-        table.router = litellm.Router(
+    table.policies = {group.name: _policy(group) for group in config.groups}
+    table.aliases = {alias.alias: alias.target for alias in config.aliases}
+    for name, model_list in entries.items():
+        table.routers[name] = litellm.Router(
             model_list=model_list,
-            routing_strategy="simple-shuffle",
+            routing_strategy=table.policies.get(name, DEFAULT_POLICY).strategy,
             num_retries=0,
+            # Cooldowns are opened by the gateway's own circuit breaker (gateway.proxy).
+            allowed_fails=1_000_000,
             timeout=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
             set_verbose=False,
         )
@@ -249,8 +315,7 @@ class RoutingTableHolder:
                 return self._table
             token = await run_db(_current_token)
             if self._table is None or token != self._table.token:
-                token, rows = await run_db(_load_rows)
-                self._table = build_table(token, rows)
+                self._table = build_table(await run_db(_load_config))
             self._checked_at = time.monotonic()
             return self._table
 

@@ -243,7 +243,9 @@ class TeamOut(Schema):
             budget_period=team.budget_period,
             timezone=team.timezone,
             alert_thresholds=list(team.alert_thresholds or []),
-            markup_percent=format(team.markup_percent, "f"),
+            # Quantised to the column's 3 places, so a fresh object and a
+            # re-read one print the same.
+            markup_percent=format(Decimal(team.markup_percent).quantize(Decimal("0.001")), "f"),
             rpm_limit=team.rpm_limit,
             tpm_limit=team.tpm_limit,
             metadata=team.metadata,

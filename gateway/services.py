@@ -18,7 +18,15 @@ from django.utils import timezone
 
 from gateway.crypto import encrypt_secret, hash_key_secret, new_key_secret
 from gateway.errors import GatewayError, invalid_request
-from gateway.models import ConfigVersion, KeySecret, ModelDeployment, Team, VirtualKey
+from gateway.models import (
+    ConfigVersion,
+    KeySecret,
+    ModelAlias,
+    ModelDeployment,
+    ModelGroup,
+    Team,
+    VirtualKey,
+)
 
 
 def config_version_bump() -> str:
@@ -177,3 +185,51 @@ def money_to_micro(value: Decimal | None) -> int | None:
     if value is None:
         return None
     return int((value * 1_000_000).to_integral_value())
+
+
+# --- model groups and aliases -------------------------------------------------------------
+
+
+def group_save(*, name: str, **fields: Any) -> ModelGroup:
+    """Create or update the routing policy of the public model `name`."""
+    for list_field in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+        if name in (fields.get(list_field) or []):
+            raise invalid_request(f"A model cannot fall back to itself ('{name}').", param=list_field)
+    with transaction.atomic():
+        group = ModelGroup.objects.select_for_update().filter(name=name).first() or ModelGroup(name=name)
+        for attr, value in fields.items():
+            setattr(group, attr, value)
+        group.full_clean()
+        group.save()
+        config_version_bump()
+    return group
+
+
+def group_delete(*, group: ModelGroup) -> None:
+    with transaction.atomic():
+        group.delete()
+        config_version_bump()
+
+
+def alias_create(*, alias: str, target: str) -> ModelAlias:
+    if alias == target:
+        raise invalid_request("An alias cannot point at itself.", param="target")
+    if ModelAlias.objects.filter(alias=alias).exists():
+        raise GatewayError(f"The alias '{alias}' already exists.", 409, code="conflict", param="alias")
+    if ModelDeployment.objects.filter(name=alias).exists():
+        raise GatewayError(
+            f"'{alias}' is already the name of a model; an alias must be a new name.",
+            409,
+            code="conflict",
+            param="alias",
+        )
+    with transaction.atomic():
+        created = ModelAlias.objects.create(alias=alias, target=target)
+        config_version_bump()
+    return created
+
+
+def alias_delete(*, alias: ModelAlias) -> None:
+    with transaction.atomic():
+        alias.delete()
+        config_version_bump()

@@ -28,6 +28,7 @@ from gateway.routing import Deployment
 # Providers whose HTTP API is OpenAI's own shape, so bytes can pass straight through.
 PASSTHROUGH_PROVIDERS = frozenset({"openai", "hosted_vllm", "openai_like", "lm_studio"})
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
 
 _SECRETISH = re.compile(
     r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+|key[=:]\s*\S+|https?://\S+|\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b)",
@@ -97,16 +98,28 @@ def _timeout(deployment: Deployment) -> httpx.Timeout:
     return httpx.Timeout(deployment.timeout_seconds, connect=min(10.0, deployment.timeout_seconds))
 
 
-def _url(deployment: Deployment, path: str) -> str:
+def openai_target(deployment: Deployment, path: str) -> tuple[str, dict[str, str]]:
+    """URL and headers for an OpenAI-dialect provider endpoint such as 'chat/completions'."""
     base = (deployment.api_base or OPENAI_DEFAULT_BASE).rstrip("/")
-    return f"{base}/{path}"
-
-
-def _headers(deployment: Deployment) -> dict[str, str]:
-    headers = {"content-type": "application/json", "accept": "application/json"}
+    headers = {"content-type": "application/json"}
     if deployment.api_key:
         headers["authorization"] = f"Bearer {deployment.api_key}"
-    return headers
+    return f"{base}/{path}", headers
+
+
+def anthropic_target(deployment: Deployment, client_headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """URL and headers for Anthropic's /v1/messages; version and beta flags come from the client."""
+    base = (deployment.api_base or ANTHROPIC_DEFAULT_BASE).rstrip("/")
+    url = f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
+    headers = {
+        "content-type": "application/json",
+        "anthropic-version": client_headers.get("anthropic-version") or "2023-06-01",
+    }
+    if client_headers.get("anthropic-beta"):
+        headers["anthropic-beta"] = client_headers["anthropic-beta"]
+    if deployment.api_key:
+        headers["x-api-key"] = deployment.api_key
+    return url, headers
 
 
 def _retry_after(headers: httpx.Headers | dict[str, str] | None) -> float | None:
@@ -165,14 +178,13 @@ def passthrough_payload(deployment: Deployment, body: dict[str, Any]) -> dict[st
     return payload
 
 
-async def passthrough_json(
-    deployment: Deployment, path: str, payload: dict[str, Any]
-) -> JsonAnswer:
+async def passthrough_json(target: tuple[str, dict[str, str]], deployment: Deployment, payload: dict[str, Any]) -> JsonAnswer:
+    url, headers = target
     try:
         response = await _client().post(
-            _url(deployment, path),
+            url,
             content=orjson.dumps(payload),
-            headers=_headers(deployment),
+            headers={**headers, "accept": "application/json"},
             timeout=_timeout(deployment),
         )
     except httpx.HTTPError as exc:
@@ -188,15 +200,34 @@ async def passthrough_json(
     return JsonAnswer(body=response.content, data=data)
 
 
+async def sse_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Re-cut a byte stream into whole SSE events (`…\n\n`), whatever its chunking."""
+    buffer = b""
+    async for piece in chunks:
+        buffer += piece
+        if b"\r\n" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            cut = buffer.find(b"\n\n")
+            if cut < 0:
+                break
+            event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+            if event.strip():
+                yield event
+    if buffer.strip():
+        yield buffer.rstrip(b"\n") + b"\n\n"
+
+
 async def passthrough_stream(
-    deployment: Deployment, path: str, payload: dict[str, Any]
+    target: tuple[str, dict[str, str]], deployment: Deployment, payload: dict[str, Any]
 ) -> StreamHandle:
+    url, headers = target
     client = _client()
     request = client.build_request(
         "POST",
-        _url(deployment, path),
+        url,
         content=orjson.dumps(payload),
-        headers={**_headers(deployment), "accept": "text/event-stream"},
+        headers={**headers, "accept": "text/event-stream"},
         timeout=_timeout(deployment),
     )
     try:
@@ -209,26 +240,13 @@ async def passthrough_stream(
         raise _error_from_body(response.status_code, body, response.headers)
 
     async def events() -> AsyncIterator[bytes]:
-        buffer = b""
         try:
-            async for piece in response.aiter_raw():
-                buffer += piece
-                # Normalise CRLF framing from providers that use it.
-                if b"\r\n" in buffer:
-                    buffer = buffer.replace(b"\r\n", b"\n")
-                while True:
-                    cut = buffer.find(b"\n\n")
-                    if cut < 0:
-                        break
-                    event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-                    if event.strip():
-                        yield event
+            async for event in sse_frames(response.aiter_raw()):
+                yield event
         except httpx.HTTPError as exc:
             raise _transport_error(exc, partial=True) from exc
         finally:
             await response.aclose()
-        if buffer.strip():
-            yield buffer + b"\n\n"
 
     return StreamHandle(events=events(), close=response.aclose)
 
@@ -236,7 +254,7 @@ async def passthrough_stream(
 # --- the litellm path ------------------------------------------------------------------
 
 
-def _litellm_kwargs(deployment: Deployment) -> dict[str, Any]:
+def litellm_kwargs(deployment: Deployment) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": deployment.provider_model,
         "timeout": deployment.timeout_seconds,
@@ -256,7 +274,7 @@ def _litellm_kwargs(deployment: Deployment) -> dict[str, Any]:
 _UNSUPPORTED = re.compile(r"does not support parameters:\s*\[([^\]]*)\]")
 
 
-def _from_litellm(exc: Exception, *, partial: bool = False) -> UpstreamError:
+def from_litellm(exc: Exception, *, partial: bool = False) -> UpstreamError:
     status = int(getattr(exc, "status_code", 0) or 0)
     message = str(getattr(exc, "message", "") or exc)
     if (
@@ -300,51 +318,46 @@ def _dump(obj: Any) -> dict[str, Any]:
     return data
 
 
-async def litellm_json(deployment: Deployment, endpoint: str, body: dict[str, Any]) -> JsonAnswer:
-    kwargs = {**body, **_litellm_kwargs(deployment)}
+async def litellm_json(call: Any, deployment: Deployment, body: dict[str, Any]) -> JsonAnswer:
+    """Run a litellm call (acompletion, aembedding, aresponses…) and serialise its result once."""
     try:
-        if endpoint == "embeddings":
-            result = await litellm.aembedding(**kwargs)
-        else:
-            result = await litellm.acompletion(**kwargs)
+        result = await call(**{**body, **litellm_kwargs(deployment)})
     except Exception as exc:
-        raise _from_litellm(exc) from exc
-    data = _dump(result)
+        raise from_litellm(exc) from exc
+    data = result if isinstance(result, dict) else _dump(result)
     return JsonAnswer(body=orjson.dumps(data), data=data)
 
 
-async def litellm_stream(deployment: Deployment, body: dict[str, Any]) -> StreamHandle:
-    kwargs = {**body, **_litellm_kwargs(deployment), "stream": True}
+def openai_chunk(chunk: Any) -> bytes:
+    return b"data: " + orjson.dumps(_dump(chunk)) + b"\n\n"
+
+
+def typed_event(event: Any) -> bytes:
+    """A Responses-API style event: `event: <type>` plus its JSON."""
+    data = _dump(event)
+    return b"event: " + str(data.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+async def litellm_stream(
+    call: Any, deployment: Deployment, body: dict[str, Any], frame: Any, done: bytes = b""
+) -> StreamHandle:
+    """Run a streaming litellm call; `frame` turns each item into SSE bytes (None: raw bytes)."""
     try:
-        stream = await litellm.acompletion(**kwargs)
+        stream = await call(**{**body, **litellm_kwargs(deployment), "stream": True})
     except Exception as exc:
-        raise _from_litellm(exc) from exc
+        raise from_litellm(exc) from exc
 
-    async def events() -> AsyncIterator[bytes]:
+    async def items() -> AsyncIterator[bytes]:
         try:
-            async for chunk in stream:
-                yield b"data: " + orjson.dumps(_dump(chunk)) + b"\n\n"
+            async for item in stream:
+                yield item if frame is None else frame(item)
         except Exception as exc:
-            raise _from_litellm(exc, partial=True) from exc
-        yield b"data: [DONE]\n\n"
+            raise from_litellm(exc, partial=True) from exc
+        if done:
+            yield done
 
-    return StreamHandle(events=events(), close=None)
+    return StreamHandle(events=sse_frames(items()) if frame is None else items(), close=None)
 
 
 def is_passthrough(deployment: Deployment) -> bool:
     return deployment.provider in PASSTHROUGH_PROVIDERS
-
-
-async def call_json(deployment: Deployment, endpoint: str, body: dict[str, Any]) -> JsonAnswer:
-    if is_passthrough(deployment):
-        path = "embeddings" if endpoint == "embeddings" else "chat/completions"
-        return await passthrough_json(deployment, path, passthrough_payload(deployment, body))
-    return await litellm_json(deployment, endpoint, body)
-
-
-async def open_stream(deployment: Deployment, body: dict[str, Any]) -> StreamHandle:
-    if is_passthrough(deployment):
-        return await passthrough_stream(
-            deployment, "chat/completions", passthrough_payload(deployment, body)
-        )
-    return await litellm_stream(deployment, body)

@@ -9,6 +9,7 @@ Two promises live here:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import GatewayError, invalid_request
@@ -49,9 +50,26 @@ FORBIDDEN_KEYS = frozenset(
     }
 )
 
-# Subtrees that hold a client's own JSON Schemas or free-form data: a tool may well
-# have a property called "api_key", and that is not an override.
-_SCHEMA_PARENTS = frozenset({"parameters", "schema", "input_schema", "properties"})
+# Where a request legitimately holds the client's own JSON Schemas: a tool may well
+# have a property called "api_key", and that is not an override. Paths are keys
+# from the top, with "*" for any list index.
+_SCHEMA_PATHS = (
+    ("tools", "*", "function", "parameters"),  # chat
+    ("tools", "*", "parameters"),  # Responses API
+    ("tools", "*", "input_schema"),  # Anthropic Messages
+    ("functions", "*", "parameters"),  # legacy function calling
+    ("response_format", "json_schema", "schema"),  # chat structured output
+    ("text", "format", "schema"),  # Responses structured output
+)
+
+
+def _is_schema(path: tuple[str, ...]) -> bool:
+    return any(
+        len(path) == len(pattern)
+        and all(p == "*" and s.isdigit() or p == s for p, s in zip(pattern, path, strict=True))
+        for pattern in _SCHEMA_PATHS
+    )
+
 
 CHAT_PARAMS = frozenset(
     {
@@ -94,29 +112,124 @@ CHAT_PARAMS = frozenset(
 
 EMBEDDING_PARAMS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 
-# Parameters the gateway itself reads and never forwards.
-GATEWAY_PARAMS = frozenset({"metadata"})
+COMPLETION_PARAMS = frozenset(
+    {
+        "model",
+        "prompt",
+        "suffix",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "echo",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "best_of",
+        "logit_bias",
+        "user",
+        "seed",
+    }
+)
+
+RESPONSES_PARAMS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "max_tool_calls",
+        "temperature",
+        "top_p",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "conversation",
+        "prompt",
+        "prompt_cache_key",
+        "safety_identifier",
+        "reasoning",
+        "text",
+        "truncation",
+        "store",
+        "stream",
+        "stream_options",
+        "include",
+        "metadata",
+        "user",
+        "service_tier",
+        "background",
+    }
+)
+
+MESSAGES_PARAMS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "metadata",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "service_tier",
+        "container",
+        "mcp_servers",
+        "context_management",
+    }
+)
+
+# Parameters the gateway itself reads: `fallbacks`/`models` narrow the fallback
+# chain; they are never forwarded to a provider.
+ROUTING_PARAMS = frozenset({"fallbacks", "models"})
+GATEWAY_PARAMS = frozenset({"metadata", *ROUTING_PARAMS})
 
 
-def find_forbidden(value: Any, path: str = "") -> str | None:
+@dataclass(frozen=True)
+class Parsed:
+    model: str
+    stream: bool
+    end_user: str = ""
+    # The client's own fallback list (None: the model's configured fallbacks).
+    fallbacks: tuple[str, ...] | None = None
+
+
+def find_forbidden(value: Any, path: tuple[str, ...] = ()) -> str | None:
     """The dotted path of the first routing/credential override in `value`, if any."""
     if isinstance(value, dict):
         for key, child in value.items():
             name = str(key)
-            here = f"{path}.{name}" if path else name
+            here = (*path, name)
             if name.lower() in FORBIDDEN_KEYS:
-                return here
-            if name in _SCHEMA_PARENTS and isinstance(child, dict):
+                return _dotted(here)
+            if _is_schema(here):
                 continue
             found = find_forbidden(child, here)
             if found:
                 return found
     elif isinstance(value, list):
         for index, child in enumerate(value):
-            found = find_forbidden(child, f"{path}[{index}]")
+            found = find_forbidden(child, (*path, str(index)))
             if found:
                 return found
     return None
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
 
 
 def refuse_overrides(body: dict[str, Any]) -> None:
@@ -175,10 +288,51 @@ def _stream(body: dict[str, Any]) -> bool:
     return stream
 
 
-def validate_chat(body: dict[str, Any]) -> tuple[str, bool]:
+def _fallbacks(body: dict[str, Any]) -> tuple[str, ...] | None:
+    """OpenRouter-style `models` (an ordered list to try) or LiteLLM-style `fallbacks`."""
+    for name in ("fallbacks", "models"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+            raise invalid_request(f"'{name}' must be an array of model names.", param=name)
+        if len(value) > 10:
+            raise invalid_request(f"'{name}' may name at most 10 models.", param=name)
+        if name == "models":
+            # `models` lists every model to try, the requested one included.
+            return tuple(m for m in value if m != body.get("model"))
+        return tuple(value)
+    return None
+
+
+def _model_or_first_of_models(body: dict[str, Any]) -> str:
+    if not body.get("model") and isinstance(body.get("models"), list) and body["models"]:
+        body["model"] = body["models"][0]
+    return _model(body)
+
+
+def _user(body: dict[str, Any]) -> str:
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > 256):
+        raise invalid_request("'user' must be a string of at most 256 characters.", param="user")
+    return user or ""
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> None:
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid_request("'stream_options' must be an object.", param="stream_options")
+        if not stream:
+            raise invalid_request(
+                "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+            )
+
+
+def validate_chat(body: dict[str, Any]) -> Parsed:
     refuse_overrides(body)
-    _unknown(body, CHAT_PARAMS)
-    model = _model(body)
+    _unknown(body, CHAT_PARAMS | ROUTING_PARAMS)
+    model = _model_or_first_of_models(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_request("'messages' must be a non-empty array of messages.", param="messages")
@@ -188,14 +342,7 @@ def validate_chat(body: dict[str, Any]) -> tuple[str, bool]:
                 f"messages[{index}] must be an object with a 'role'.", param=f"messages[{index}]"
             )
     stream = _stream(body)
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise invalid_request("'stream_options' must be an object.", param="stream_options")
-        if not stream:
-            raise invalid_request(
-                "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
-            )
+    _stream_options(body, stream)
     _number(body, "temperature", 0, 2)
     _number(body, "top_p", 0, 1)
     _number(body, "presence_penalty", -2, 2)
@@ -203,15 +350,89 @@ def validate_chat(body: dict[str, Any]) -> tuple[str, bool]:
     _positive_int(body, "n", 128)
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
+    _tools(body)
+    return Parsed(model, stream, _user(body), _fallbacks(body))
+
+
+def _tools(body: dict[str, Any]) -> None:
     if "tools" in body and not isinstance(body["tools"], list):
         raise invalid_request("'tools' must be an array of tool definitions.", param="tools")
-    user = body.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > 256):
-        raise invalid_request("'user' must be a string of at most 256 characters.", param="user")
-    return model, stream
 
 
-def validate_embeddings(body: dict[str, Any]) -> str:
+def validate_completions(body: dict[str, Any]) -> Parsed:
+    refuse_overrides(body)
+    _unknown(body, COMPLETION_PARAMS | ROUTING_PARAMS)
+    model = _model_or_first_of_models(body)
+    prompt = body.get("prompt")
+    if prompt is None or prompt == "" or prompt == []:
+        raise invalid_request("'prompt' is required: a string or an array of strings.", param="prompt")
+    if not isinstance(prompt, str | list):
+        raise invalid_request("'prompt' must be a string or an array.", param="prompt")
+    stream = _stream(body)
+    _stream_options(body, stream)
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _positive_int(body, "n", 128)
+    _positive_int(body, "best_of", 20)
+    _positive_int(body, "max_tokens")
+    return Parsed(model, stream, _user(body), _fallbacks(body))
+
+
+def validate_responses(body: dict[str, Any]) -> Parsed:
+    refuse_overrides(body)
+    _unknown(body, RESPONSES_PARAMS | ROUTING_PARAMS)
+    model = _model_or_first_of_models(body)
+    value = body.get("input")
+    if value is None or value == "" or value == []:
+        raise invalid_request("'input' is required: a string or an array of input items.", param="input")
+    if not isinstance(value, str | list):
+        raise invalid_request("'input' must be a string or an array of input items.", param="input")
+    stream = _stream(body)
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _positive_int(body, "max_output_tokens")
+    _tools(body)
+    return Parsed(model, stream, _user(body), _fallbacks(body))
+
+
+def validate_messages(body: dict[str, Any]) -> Parsed:
+    """Anthropic's Messages API: max_tokens is required, as Anthropic requires it."""
+    refuse_overrides(body)
+    _unknown(body, MESSAGES_PARAMS | ROUTING_PARAMS)
+    model = _model_or_first_of_models(body)
+    if "max_tokens" not in body:
+        raise invalid_request("max_tokens: Field required", param="max_tokens")
+    _positive_int(body, "max_tokens")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid_request("messages: must be a non-empty array of messages", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise invalid_request(
+                f"messages.{index}.role: must be 'user' or 'assistant'", param=f"messages.{index}.role"
+            )
+        if "content" not in message:
+            raise invalid_request(f"messages.{index}.content: Field required", param=f"messages.{index}.content")
+    system = body.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise invalid_request("system: must be a string or an array of text blocks", param="system")
+    _number(body, "temperature", 0, 1)
+    _number(body, "top_p", 0, 1)
+    _positive_int(body, "top_k", 1_000_000)
+    stops = body.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(x, str) for x in stops)):
+        raise invalid_request("stop_sequences: must be an array of strings", param="stop_sequences")
+    _tools(body)
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise invalid_request("metadata: must be an object", param="metadata")
+    user = (metadata or {}).get("user_id") or ""
+    if not isinstance(user, str) or len(user) > 256:
+        raise invalid_request("metadata.user_id: must be a string of at most 256 characters", param="metadata.user_id")
+    return Parsed(model, _stream(body), user, _fallbacks(body))
+
+
+def validate_embeddings(body: dict[str, Any]) -> Parsed:
     refuse_overrides(body)
     _unknown(body, EMBEDDING_PARAMS)
     model = _model(body)
@@ -228,7 +449,7 @@ def validate_embeddings(body: dict[str, Any]) -> str:
             "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
         )
     _positive_int(body, "dimensions", 100_000)
-    return model
+    return Parsed(model, False, _user(body))
 
 
 def tags_from(header: str | None, metadata: Any) -> list[str]:
