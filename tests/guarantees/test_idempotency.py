@@ -72,12 +72,13 @@ def test_it_scopes_idempotency_keys_to_the_virtual_key(live_gateway, mock_upstre
 
 def test_it_lets_a_failed_request_be_retried_with_the_same_key(live_gateway, mock_upstream, make_model, make_key):
     name = f"idem-{uuid.uuid4().hex[:8]}"
-    upstream_model = f"{name};fail_first=1;status=500"
+    # A provider 400 is not retried by the gateway, so the first request fails.
+    upstream_model = f"{name};fail_first=1;status=400"
     make_model(name=name, provider_model=f"openai/{upstream_model}")
     issued = make_key()
     body = {"model": name, "messages": [{"role": "user", "content": "retry me"}]}
     key = f"idem-{uuid.uuid4()}"
-    assert _post(live_gateway.v1, issued.secret, body, key).status_code == 502
+    assert _post(live_gateway.v1, issued.secret, body, key).status_code == 400
     retried = _post(live_gateway.v1, issued.secret, body, key)
     assert retried.status_code == 200
     assert retried.headers.get("idempotent-replayed") is None
