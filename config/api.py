@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from django.core.exceptions import ValidationError as ModelValidationError
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -49,6 +50,22 @@ def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespons
     message = str(first.get("msg", "Invalid request."))
     if param:
         message = f"Invalid '{param}': {message}."
+    return error_response(
+        GatewayError(message, 400, "invalid_request_error", "invalid_parameter", param),
+        dialect=dialect_for_path(request.path),
+    )
+
+
+@api.exception_handler(ModelValidationError)
+def _model_validation_error(request: HttpRequest, exc: ModelValidationError) -> HttpResponse:
+    # A value the schema let through but the table cannot hold (too many decimal
+    # places, too long): still the client's to fix, so a 400 naming the field.
+    if hasattr(exc, "error_dict"):
+        field, problems = next(iter(exc.error_dict.items()))
+        message = f"Invalid '{field}': {' '.join(m for e in problems for m in e.messages)}"
+        param: str | None = field
+    else:
+        message, param = " ".join(exc.messages), None
     return error_response(
         GatewayError(message, 400, "invalid_request_error", "invalid_parameter", param),
         dialect=dialect_for_path(request.path),

@@ -195,8 +195,9 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("GATEWAY_LOG_LEVEL", "INFO").upper()},
     "loggers": {
-        # litellm logs request details (including headers) at INFO/DEBUG.
-        "LiteLLM": {"level": "WARNING"},
+        # litellm logs request details (including headers) at INFO/DEBUG, and warns
+        # about every custom-priced model when a router is built.
+        "LiteLLM": {"level": "ERROR"},
         "LiteLLM Router": {"level": "WARNING"},
         "LiteLLM Proxy": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},

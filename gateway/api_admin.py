@@ -16,10 +16,14 @@ from ninja import Query, Router, Schema
 from gateway import services
 from gateway.auth import AdminToken
 from gateway.errors import GatewayError, invalid_request
-from gateway.models import KeySecret, ModelDeployment, Team, VirtualKey
+from gateway.models import KeySecret, ModelAlias, ModelDeployment, ModelGroup, Team, VirtualKey
 from gateway.routing import split_provider
 from gateway.schemas import (
+    AliasIn,
+    AliasOut,
     ErrorOut,
+    GroupIn,
+    GroupOut,
     KeyCreatedOut,
     KeyIn,
     KeyOut,
@@ -236,3 +240,73 @@ def key_rotate(
     issued = services.key_rotate(key=_key(key_id), grace_seconds=grace)
     out = _key_out(_key(issued.key.id))
     return 201, KeyCreatedOut(**out.model_dump(), key=issued.secret)
+
+
+# --- model groups (routing policy) and aliases -----------------------------------------------
+
+
+def _known_models(names: list[str] | None, param: str) -> None:
+    known = set(ModelDeployment.objects.values_list("name", flat=True))
+    known |= set(ModelAlias.objects.values_list("alias", flat=True))
+    for name in names or []:
+        if name not in known:
+            raise invalid_request(
+                f"'{name}' in {param} is not a configured model; add it first.", param=param
+            )
+
+
+@router.get("/model-groups", response=Page[GroupOut], summary="List routing policies")
+def group_list(request: HttpRequest, page: Query[PageParams]) -> Any:
+    return page.of(ModelGroup.objects.all(), GroupOut.of)
+
+
+@router.get("/model-groups/{name}", response={200: GroupOut, **ERRORS})
+def group_get(request: HttpRequest, name: str) -> GroupOut:
+    group = ModelGroup.objects.filter(name=name).first()
+    if group is None:
+        raise GatewayError(f"No routing policy for '{name}'; it uses the defaults.", 404, code="not_found")
+    return GroupOut.of(group)
+
+
+@router.put(
+    "/model-groups/{name}",
+    response={200: GroupOut, **ERRORS},
+    summary="Set a model's routing policy: strategy, fallbacks, retries, cooldown",
+)
+def group_put(request: HttpRequest, name: str, payload: GroupIn) -> GroupOut:
+    if not ModelDeployment.objects.filter(name=name).exists():
+        raise GatewayError(f"No model named '{name}'; add a deployment first.", 404, code="not_found")
+    fields = {k: v for k, v in _set_fields(payload).items() if v is not None}
+    for param in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+        _known_models(fields.get(param), param)
+    return GroupOut.of(services.group_save(name=name, **fields))
+
+
+@router.delete("/model-groups/{name}", response={204: None, **ERRORS})
+def group_delete(request: HttpRequest, name: str) -> tuple[int, None]:
+    group = ModelGroup.objects.filter(name=name).first()
+    if group is None:
+        raise GatewayError(f"No routing policy for '{name}'.", 404, code="not_found")
+    services.group_delete(group=group)
+    return 204, None
+
+
+@router.post("/aliases", response={201: AliasOut, **ERRORS}, summary="Add a model alias")
+def alias_create(request: HttpRequest, payload: AliasIn) -> tuple[int, AliasOut]:
+    if not ModelDeployment.objects.filter(name=payload.target).exists():
+        raise invalid_request(f"'{payload.target}' is not a configured model.", param="target")
+    return 201, AliasOut.of(services.alias_create(alias=payload.alias, target=payload.target))
+
+
+@router.get("/aliases", response=Page[AliasOut])
+def alias_list(request: HttpRequest, page: Query[PageParams]) -> Any:
+    return page.of(ModelAlias.objects.all(), AliasOut.of)
+
+
+@router.delete("/aliases/{alias}", response={204: None, **ERRORS})
+def alias_delete(request: HttpRequest, alias: str) -> tuple[int, None]:
+    found = ModelAlias.objects.filter(alias=alias).first()
+    if found is None:
+        raise GatewayError(f"No alias '{alias}'.", 404, code="not_found")
+    services.alias_delete(alias=found)
+    return 204, None

@@ -13,7 +13,7 @@ from ninja import Field, Schema
 from pydantic import field_validator
 
 from billing.pricing import micro_usd_to_str
-from gateway.models import KeySecret, ModelDeployment, Team, VirtualKey
+from gateway.models import KeySecret, ModelAlias, ModelDeployment, ModelGroup, Team, VirtualKey
 
 Period = Literal["daily", "weekly", "monthly", "total"]
 Money = Decimal
@@ -186,6 +186,7 @@ class TeamPatch(Schema):
     markup_percent: Decimal | None = Field(None, ge=-100, le=1000)
     rpm_limit: int | None = Field(None, ge=1)
     tpm_limit: int | None = Field(None, ge=1)
+    cache_ttl_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
     metadata: dict[str, Any] | None = None
 
     @field_validator("budget_usd")
@@ -231,6 +232,7 @@ class TeamOut(Schema):
     markup_percent: str
     rpm_limit: int | None
     tpm_limit: int | None
+    cache_ttl_seconds: int | None
     metadata: dict[str, Any]
     created_at: datetime
 
@@ -248,6 +250,7 @@ class TeamOut(Schema):
             markup_percent=format(Decimal(team.markup_percent).quantize(Decimal("0.001")), "f"),
             rpm_limit=team.rpm_limit,
             tpm_limit=team.tpm_limit,
+            cache_ttl_seconds=team.cache_ttl_seconds,
             metadata=team.metadata,
             created_at=team.created_at,
         )
@@ -265,6 +268,7 @@ class KeyPatch(Schema):
     budget_period: Period | None = None
     rpm_limit: int | None = Field(None, ge=1)
     tpm_limit: int | None = Field(None, ge=1)
+    cache_ttl_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
 
     @field_validator("max_budget_usd")
     @classmethod
@@ -295,6 +299,7 @@ class KeyOut(Schema):
     budget_period: str
     rpm_limit: int | None
     tpm_limit: int | None
+    cache_ttl_seconds: int | None
     created_at: datetime
 
     @staticmethod
@@ -314,9 +319,72 @@ class KeyOut(Schema):
             budget_period=key.budget_period,
             rpm_limit=key.rpm_limit,
             tpm_limit=key.tpm_limit,
+            cache_ttl_seconds=key.cache_ttl_seconds,
             created_at=key.created_at,
         )
 
 
 class KeyCreatedOut(KeyOut):
     key: str = Field(..., description="The secret. Shown this once only; store it now.")
+
+
+# --- model groups and aliases -------------------------------------------------------------------
+
+Strategy = Literal["simple-shuffle", "least-busy", "latency-based-routing", "cost-based-routing"]
+
+
+class GroupIn(Schema):
+    routing_strategy: Strategy | None = None
+    fallbacks: list[str] | None = None
+    context_window_fallbacks: list[str] | None = None
+    content_policy_fallbacks: list[str] | None = None
+    num_retries: int | None = Field(None, ge=0, le=10)
+    retry_backoff_seconds: float | None = Field(None, ge=0, le=60)
+    max_retry_after_seconds: float | None = Field(None, ge=0, le=600)
+    allowed_fails: int | None = Field(None, ge=1, le=1000)
+    cooldown_seconds: float | None = Field(None, ge=0, le=3600)
+
+
+class GroupOut(Schema):
+    name: str
+    routing_strategy: str
+    fallbacks: list[str]
+    context_window_fallbacks: list[str]
+    content_policy_fallbacks: list[str]
+    num_retries: int
+    retry_backoff_seconds: float
+    max_retry_after_seconds: float
+    allowed_fails: int
+    cooldown_seconds: float
+    updated_at: datetime
+
+    @staticmethod
+    def of(group: ModelGroup) -> GroupOut:
+        return GroupOut(
+            name=group.name,
+            routing_strategy=group.routing_strategy,
+            fallbacks=list(group.fallbacks),
+            context_window_fallbacks=list(group.context_window_fallbacks),
+            content_policy_fallbacks=list(group.content_policy_fallbacks),
+            num_retries=group.num_retries,
+            retry_backoff_seconds=group.retry_backoff_seconds,
+            max_retry_after_seconds=group.max_retry_after_seconds,
+            allowed_fails=group.allowed_fails,
+            cooldown_seconds=group.cooldown_seconds,
+            updated_at=group.updated_at,
+        )
+
+
+class AliasIn(Schema):
+    alias: str = Field(..., min_length=1, max_length=200)
+    target: str = Field(..., min_length=1, max_length=200)
+
+
+class AliasOut(Schema):
+    alias: str
+    target: str
+    created_at: datetime
+
+    @staticmethod
+    def of(alias: ModelAlias) -> AliasOut:
+        return AliasOut(alias=alias.alias, target=alias.target, created_at=alias.created_at)

@@ -264,8 +264,9 @@ def litellm_kwargs(deployment: Deployment) -> dict[str, Any]:
     }
     if deployment.api_base:
         kwargs["api_base"] = deployment.api_base
-    if deployment.api_key:
-        kwargs["api_key"] = deployment.api_key
+    # Always pass a key: with none, litellm would fall back to the gateway process's
+    # own environment (ANTHROPIC_API_KEY…), which must never leak into a deployment.
+    kwargs["api_key"] = deployment.api_key or "no-key"
     if deployment.api_version:
         kwargs["api_version"] = deployment.api_version
     return kwargs
@@ -311,7 +312,8 @@ def from_litellm(exc: Exception, *, partial: bool = False) -> UpstreamError:
 
 
 def _dump(obj: Any) -> dict[str, Any]:
-    data = obj.model_dump(exclude_none=False) if hasattr(obj, "model_dump") else dict(obj)
+    # mode="json": enums (litellm's event types) become their plain string values.
+    data = obj.model_dump(mode="json") if hasattr(obj, "model_dump") else dict(obj)
     # litellm-internal bookkeeping that no OpenAI client expects.
     for private in ("_hidden_params", "_response_ms"):
         data.pop(private, None)
