@@ -40,6 +40,8 @@ from gateway.schemas import (
 )
 
 router = Router(auth=AdminToken(), tags=["Management"])
+# Recorded in the audit log for changes made through this API.
+ADMIN_ACTOR = "admin-api"
 ERRORS: dict[int, type[Schema]] = {
     400: ErrorOut,
     401: ErrorOut,
@@ -79,7 +81,7 @@ def _deployment(model_id: str) -> ModelDeployment:
 def model_create(request: HttpRequest, payload: ModelIn) -> tuple[int, ModelOut]:
     fields = _set_fields(payload)
     _check_provider_model(fields)
-    deployment = services.deployment_create(**fields)
+    deployment = services.deployment_create(actor=ADMIN_ACTOR, **fields)
     return 201, ModelOut.of(deployment)
 
 
@@ -100,12 +102,14 @@ def model_get(request: HttpRequest, model_id: str) -> ModelOut:
 def model_update(request: HttpRequest, model_id: str, payload: ModelPatch) -> ModelOut:
     fields = _set_fields(payload)
     _check_provider_model(fields)
-    return ModelOut.of(services.deployment_update(deployment=_deployment(model_id), **fields))
+    return ModelOut.of(
+        services.deployment_update(actor=ADMIN_ACTOR, deployment=_deployment(model_id), **fields)
+    )
 
 
 @router.delete("/models/{model_id}", response={204: None, **ERRORS})
 def model_delete(request: HttpRequest, model_id: str) -> tuple[int, None]:
-    services.deployment_delete(deployment=_deployment(model_id))
+    services.deployment_delete(actor=ADMIN_ACTOR, deployment=_deployment(model_id))
     return 204, None
 
 
@@ -132,7 +136,7 @@ def _team_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/teams", response={201: TeamOut, **ERRORS}, summary="Create a team")
 def team_create(request: HttpRequest, payload: TeamIn) -> tuple[int, TeamOut]:
-    team = services.team_create(**_team_fields(_set_fields(payload)))
+    team = services.team_create(actor=ADMIN_ACTOR, **_team_fields(_set_fields(payload)))
     return 201, TeamOut.of(team)
 
 
@@ -148,13 +152,15 @@ def team_get(request: HttpRequest, team_id: int) -> TeamOut:
 
 @router.api_operation(["PATCH", "PUT"], "/teams/{team_id}", response={200: TeamOut, **ERRORS})
 def team_update(request: HttpRequest, team_id: int, payload: TeamPatch) -> TeamOut:
-    team = services.team_update(team=_team(team_id), **_team_fields(_set_fields(payload)))
+    team = services.team_update(
+        actor=ADMIN_ACTOR, team=_team(team_id), **_team_fields(_set_fields(payload))
+    )
     return TeamOut.of(team)
 
 
 @router.delete("/teams/{team_id}", response={204: None, **ERRORS})
 def team_delete(request: HttpRequest, team_id: int) -> tuple[int, None]:
-    services.team_delete(team=_team(team_id))
+    services.team_delete(actor=ADMIN_ACTOR, team=_team(team_id))
     return 204, None
 
 
@@ -193,7 +199,7 @@ def _key_fields(fields: dict[str, Any]) -> dict[str, Any]:
 def key_create(request: HttpRequest, payload: KeyIn) -> tuple[int, KeyCreatedOut]:
     fields = _set_fields(payload)
     team = _team(fields.pop("team_id"))
-    issued = services.key_create(team=team, **_key_fields(fields))
+    issued = services.key_create(actor=ADMIN_ACTOR, team=team, **_key_fields(fields))
     out = _key_out(_key(issued.key.id))
     return 201, KeyCreatedOut(**out.model_dump(), key=issued.secret)
 
@@ -220,13 +226,15 @@ def key_get(request: HttpRequest, key_id: int) -> KeyOut:
 
 @router.api_operation(["PATCH", "PUT"], "/keys/{key_id}", response={200: KeyOut, **ERRORS})
 def key_update(request: HttpRequest, key_id: int, payload: KeyPatch) -> KeyOut:
-    key = services.key_update(key=_key(key_id), **_key_fields(_set_fields(payload)))
+    key = services.key_update(
+        actor=ADMIN_ACTOR, key=_key(key_id), **_key_fields(_set_fields(payload))
+    )
     return _key_out(_key(key.id))
 
 
 @router.delete("/keys/{key_id}", response={200: KeyOut, **ERRORS}, summary="Revoke a key")
 def key_revoke(request: HttpRequest, key_id: int) -> KeyOut:
-    key = services.key_revoke(key=_key(key_id))
+    key = services.key_revoke(actor=ADMIN_ACTOR, key=_key(key_id))
     return _key_out(_key(key.id))
 
 
@@ -237,7 +245,7 @@ def key_rotate(
     request: HttpRequest, key_id: int, payload: RotateIn | None = None
 ) -> tuple[int, KeyCreatedOut]:
     grace = payload.grace_period_seconds if payload else 0
-    issued = services.key_rotate(key=_key(key_id), grace_seconds=grace)
+    issued = services.key_rotate(actor=ADMIN_ACTOR, key=_key(key_id), grace_seconds=grace)
     out = _key_out(_key(issued.key.id))
     return 201, KeyCreatedOut(**out.model_dump(), key=issued.secret)
 
@@ -264,7 +272,9 @@ def group_list(request: HttpRequest, page: Query[PageParams]) -> Any:
 def group_get(request: HttpRequest, name: str) -> GroupOut:
     group = ModelGroup.objects.filter(name=name).first()
     if group is None:
-        raise GatewayError(f"No routing policy for '{name}'; it uses the defaults.", 404, code="not_found")
+        raise GatewayError(
+            f"No routing policy for '{name}'; it uses the defaults.", 404, code="not_found"
+        )
     return GroupOut.of(group)
 
 
@@ -275,11 +285,13 @@ def group_get(request: HttpRequest, name: str) -> GroupOut:
 )
 def group_put(request: HttpRequest, name: str, payload: GroupIn) -> GroupOut:
     if not ModelDeployment.objects.filter(name=name).exists():
-        raise GatewayError(f"No model named '{name}'; add a deployment first.", 404, code="not_found")
+        raise GatewayError(
+            f"No model named '{name}'; add a deployment first.", 404, code="not_found"
+        )
     fields = {k: v for k, v in _set_fields(payload).items() if v is not None}
     for param in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
         _known_models(fields.get(param), param)
-    return GroupOut.of(services.group_save(name=name, **fields))
+    return GroupOut.of(services.group_save(actor=ADMIN_ACTOR, name=name, **fields))
 
 
 @router.delete("/model-groups/{name}", response={204: None, **ERRORS})
@@ -287,7 +299,7 @@ def group_delete(request: HttpRequest, name: str) -> tuple[int, None]:
     group = ModelGroup.objects.filter(name=name).first()
     if group is None:
         raise GatewayError(f"No routing policy for '{name}'.", 404, code="not_found")
-    services.group_delete(group=group)
+    services.group_delete(actor=ADMIN_ACTOR, group=group)
     return 204, None
 
 
@@ -295,7 +307,9 @@ def group_delete(request: HttpRequest, name: str) -> tuple[int, None]:
 def alias_create(request: HttpRequest, payload: AliasIn) -> tuple[int, AliasOut]:
     if not ModelDeployment.objects.filter(name=payload.target).exists():
         raise invalid_request(f"'{payload.target}' is not a configured model.", param="target")
-    return 201, AliasOut.of(services.alias_create(alias=payload.alias, target=payload.target))
+    return 201, AliasOut.of(
+        services.alias_create(actor=ADMIN_ACTOR, alias=payload.alias, target=payload.target)
+    )
 
 
 @router.get("/aliases", response=Page[AliasOut])
@@ -308,5 +322,5 @@ def alias_delete(request: HttpRequest, alias: str) -> tuple[int, None]:
     found = ModelAlias.objects.filter(alias=alias).first()
     if found is None:
         raise GatewayError(f"No alias '{alias}'.", 404, code="not_found")
-    services.alias_delete(alias=found)
+    services.alias_delete(actor=ADMIN_ACTOR, alias=found)
     return 204, None

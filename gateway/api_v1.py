@@ -42,7 +42,9 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     return await proxy.handle(request, dialects.EMBEDDINGS)
 
 
-@router.post("/responses", openapi_extra=_BODY_DOC, summary="Create a model response (Responses API)")
+@router.post(
+    "/responses", openapi_extra=_BODY_DOC, summary="Create a model response (Responses API)"
+)
 async def responses(request: HttpRequest) -> HttpResponse:
     return await proxy.handle(request, dialects.RESPONSES)
 

@@ -36,7 +36,9 @@ def cooling(deployment_id: str) -> bool:
     return until is not None and until > time.monotonic()
 
 
-def _cool(table: RoutingTable, group: str, deployment: Deployment, seconds: float, status: int) -> None:
+def _cool(
+    table: RoutingTable, group: str, deployment: Deployment, seconds: float, status: int
+) -> None:
     _cooled_until[deployment.id] = time.monotonic() + seconds
     router = table.router(group)
     if router is not None:
@@ -84,7 +86,9 @@ async def pick(table: RoutingTable, group: str, body: dict[str, Any], tokens: in
     raise NoDeployment(group)
 
 
-def _kwargs(table: RoutingTable, group: str, deployment: Deployment, stream: bool) -> dict[str, Any]:
+def _kwargs(
+    table: RoutingTable, group: str, deployment: Deployment, stream: bool
+) -> dict[str, Any]:
     return {
         "litellm_params": {
             "metadata": {"model_group": table.resolve(group)},
@@ -98,7 +102,9 @@ def started(table: RoutingTable, group: str, deployment: Deployment, stream: boo
     router = table.router(group)
     busy = getattr(router, "leastbusy_logger", None) if router is not None else None
     if busy is not None:
-        busy.log_pre_api_call(model=group, messages=None, kwargs=_kwargs(table, group, deployment, stream))
+        busy.log_pre_api_call(
+            model=group, messages=None, kwargs=_kwargs(table, group, deployment, stream)
+        )
 
 
 async def succeeded(

@@ -67,7 +67,9 @@ def anthropic_usage(data: Any) -> Usage | None:
 
 # --- counting -----------------------------------------------------------------------------
 
-_SKIP_KEYS = frozenset({"type", "role", "id", "call_id", "tool_call_id", "tool_use_id", "cache_control"})
+_SKIP_KEYS = frozenset(
+    {"type", "role", "id", "call_id", "tool_call_id", "tool_use_id", "cache_control"}
+)
 
 
 def _strings(value: Any, out: list[str]) -> None:
@@ -232,7 +234,11 @@ class OpenAIChunks(Tracker):
         return [f": x-gateway-cost-usd {cost}\n\n".encode(), b"data: [DONE]\n\n"]
 
 
-_RESPONSES_END = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
+_RESPONSES_END = (
+    b"event: response.completed",
+    b"event: response.incomplete",
+    b"event: response.failed",
+)
 
 
 class ResponsesEvents(Tracker):
@@ -292,7 +298,13 @@ def openai_error_event(error: GatewayError) -> bytes:
 
 def responses_error_event(error: GatewayError) -> bytes:
     body = error.openai_body()
-    data = {"type": "error", "code": error.code, "message": error.message, "param": error.param, **body}
+    data = {
+        "type": "error",
+        "code": error.code,
+        "message": error.message,
+        "param": error.param,
+        **body,
+    }
     return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
@@ -334,34 +346,52 @@ def _chat_output(body: dict[str, Any]) -> int | None:
     return int(requested) * _n(body) if requested else None
 
 
-def _openai_caller(path: str, litellm_call: Any, frame: Any = None, done: bytes = b"") -> tuple[Caller, Caller]:
-    async def call_json(deployment: Deployment, body: dict[str, Any], headers: dict[str, str]) -> Any:
+def _openai_caller(
+    path: str, litellm_call: Any, frame: Any = None, done: bytes = b""
+) -> tuple[Caller, Caller]:
+    async def call_json(
+        deployment: Deployment, body: dict[str, Any], headers: dict[str, str]
+    ) -> Any:
         if upstream.is_passthrough(deployment):
             payload = upstream.passthrough_payload(deployment, body)
-            return await upstream.passthrough_json(upstream.openai_target(deployment, path), deployment, payload)
+            return await upstream.passthrough_json(
+                upstream.openai_target(deployment, path), deployment, payload
+            )
         return await upstream.litellm_json(litellm_call, deployment, body)
 
-    async def open_stream(deployment: Deployment, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    async def open_stream(
+        deployment: Deployment, body: dict[str, Any], headers: dict[str, str]
+    ) -> Any:
         if upstream.is_passthrough(deployment):
             payload = upstream.passthrough_payload(deployment, body)
-            return await upstream.passthrough_stream(upstream.openai_target(deployment, path), deployment, payload)
+            return await upstream.passthrough_stream(
+                upstream.openai_target(deployment, path), deployment, payload
+            )
         return await upstream.litellm_stream(litellm_call, deployment, body, frame, done)
 
     return call_json, open_stream
 
 
-async def _messages_json(deployment: Deployment, body: dict[str, Any], headers: dict[str, str]) -> Any:
+async def _messages_json(
+    deployment: Deployment, body: dict[str, Any], headers: dict[str, str]
+) -> Any:
     if deployment.provider == "anthropic":
         payload = upstream.passthrough_payload(deployment, body)
-        return await upstream.passthrough_json(upstream.anthropic_target(deployment, headers), deployment, payload)
+        return await upstream.passthrough_json(
+            upstream.anthropic_target(deployment, headers), deployment, payload
+        )
     # Another dialect: litellm translates Messages to and from it.
     return await upstream.litellm_json(anthropic_messages.acreate, deployment, body)
 
 
-async def _messages_stream(deployment: Deployment, body: dict[str, Any], headers: dict[str, str]) -> Any:
+async def _messages_stream(
+    deployment: Deployment, body: dict[str, Any], headers: dict[str, str]
+) -> Any:
     if deployment.provider == "anthropic":
         payload = upstream.passthrough_payload(deployment, body)
-        return await upstream.passthrough_stream(upstream.anthropic_target(deployment, headers), deployment, payload)
+        return await upstream.passthrough_stream(
+            upstream.anthropic_target(deployment, headers), deployment, payload
+        )
     return await upstream.litellm_stream(anthropic_messages.acreate, deployment, body, None)
 
 
@@ -371,7 +401,9 @@ _chat_json, _chat_stream = _openai_caller(
 _completions_json, _completions_stream = _openai_caller(
     "completions", litellm.atext_completion, upstream.openai_chunk, b"data: [DONE]\n\n"
 )
-_responses_json, _responses_stream = _openai_caller("responses", litellm.aresponses, upstream.typed_event)
+_responses_json, _responses_stream = _openai_caller(
+    "responses", litellm.aresponses, upstream.typed_event
+)
 _embeddings_json, _embeddings_stream = _openai_caller("embeddings", litellm.aembedding)
 
 CHAT = Endpoint(

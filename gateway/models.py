@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import models
 
 
@@ -52,6 +53,15 @@ class VirtualKey(models.Model):
 
     public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="keys")
+    # The dashboard user the key belongs to (team members see their own keys);
+    # null for keys issued through the management API.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="virtual_keys",
+    )
     name = models.CharField(max_length=200)
     # Public model names this key may call; empty means every configured model.
     allowed_models = models.JSONField(default=list, blank=True)
@@ -215,3 +225,31 @@ class ModelAlias(models.Model):
 
     def __str__(self) -> str:
         return f"{self.alias} -> {self.target}"
+
+
+class AuditEntry(models.Model):
+    """Who changed what and when, with the values before and after. Append-only.
+
+    Snapshots never hold secrets: provider credentials appear only as whether one
+    is set, and key secrets never at all.
+    """
+
+    actor = models.CharField(max_length=200)
+    action = models.CharField(max_length=32)  # create | update | delete | revoke | rotate
+    object_type = models.CharField(max_length=32)
+    object_id = models.CharField(max_length=64)
+    # The team the object belongs to, so team admins can read their own history.
+    team_id = models.BigIntegerField(null=True, blank=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["object_type", "object_id"]),
+            models.Index(fields=["team_id", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor} {self.action} {self.object_type}:{self.object_id}"

@@ -119,7 +119,9 @@ def _allowed(principal: KeyPrincipal, table: RoutingTable, name: str) -> bool:
     return principal.may_use(name) or principal.may_use(table.resolve(name))
 
 
-def plan(principal: KeyPrincipal, table: RoutingTable, model: str, requested: tuple[str, ...] | None) -> list[str]:
+def plan(
+    principal: KeyPrincipal, table: RoutingTable, model: str, requested: tuple[str, ...] | None
+) -> list[str]:
     """The models to try, in order: the requested one, then its fallbacks."""
     if not table.group(model):
         raise unknown_model(model)
@@ -297,7 +299,13 @@ def no_deployment(model: str) -> GatewayError:
     )
 
 
-_CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens", "prompt is too long")
+_CONTEXT_HINTS = (
+    "context length",
+    "context_length",
+    "maximum context",
+    "too many tokens",
+    "prompt is too long",
+)
 _POLICY_HINTS = ("content_policy", "content policy", "content_filter", "safety system")
 
 
@@ -432,12 +440,25 @@ async def _attempts(
                 kind = _kind(exc)
                 await _write(
                     call,
-                    _record(call, deployment, status=LedgerStatus.ERROR, usage=None,
-                            http_status=exc.status, error_type=exc.kind),
+                    _record(
+                        call,
+                        deployment,
+                        status=LedgerStatus.ERROR,
+                        usage=None,
+                        http_status=exc.status,
+                        error_type=exc.kind,
+                    ),
                 )
                 await breaker.failed(
-                    table, group, deployment, policy, status=exc.status, retry_after=exc.retry_after,
-                    counts=kind != "client", stream=call.stream, began=began,
+                    table,
+                    group,
+                    deployment,
+                    policy,
+                    status=exc.status,
+                    retry_after=exc.retry_after,
+                    counts=kind != "client",
+                    stream=call.stream,
+                    began=began,
                 )
                 if kind == "client":
                     raise client_error(exc) from exc
@@ -451,7 +472,9 @@ async def _attempts(
                     break
                 if kind == "deployment" or retry == policy.num_retries:
                     break
-                wait = _backoff(retry, exc, policy.retry_backoff_seconds, policy.max_retry_after_seconds)
+                wait = _backoff(
+                    retry, exc, policy.retry_backoff_seconds, policy.max_retry_after_seconds
+                )
                 if wait is None:
                     break
                 await asyncio.sleep(wait)
@@ -517,7 +540,11 @@ async def _json(
     if usage is None:
         usage = Usage(prompt_tokens=call.prompt_tokens)
     record = _record(
-        call, deployment, status=LedgerStatus.SUCCESS, usage=usage, estimated=estimated,
+        call,
+        deployment,
+        status=LedgerStatus.SUCCESS,
+        usage=usage,
+        estimated=estimated,
         http_status=200,
     )
     await _write(call, record)
@@ -528,8 +555,12 @@ async def _json(
     response["x-gateway-cost-usd"] = micro_usd_to_str(call.charged_micro_usd)
     if call.cache_key is not None:
         response["x-gateway-cache"] = "miss"
-        await response_cache.store(call.cache_key, response_cache.Entry(
-            body=answer.body, events=[], deployment_id=deployment.id, usage=usage))
+        await response_cache.store(
+            call.cache_key,
+            response_cache.Entry(
+                body=answer.body, events=[], deployment_id=deployment.id, usage=usage
+            ),
+        )
     if call.claim is not None:
         await idempotency.complete(
             call.claim, idempotency.Stored(200, _replayable_headers(response), body=answer.body)
@@ -543,7 +574,11 @@ async def _serve_hit(call: Call, table: RoutingTable, hit: response_cache.Entry)
     deployment = table.deployments.get(hit.deployment_id)
     call.attempts = 1
     record = _record(
-        call, deployment, status=LedgerStatus.SUCCESS, usage=hit.usage, http_status=200,
+        call,
+        deployment,
+        status=LedgerStatus.SUCCESS,
+        usage=hit.usage,
+        http_status=200,
         cache_hit=True,
     )
     await _write(call, record)
@@ -563,8 +598,14 @@ async def _serve_hit(call: Call, table: RoutingTable, hit: response_cache.Entry)
     response["x-gateway-cache"] = "hit"
     if call.claim is not None:
         await idempotency.complete(
-            call.claim, idempotency.Stored(200, _replayable_headers(response), body=hit.body,
-                                           events=hit.events, stream=bool(hit.events))
+            call.claim,
+            idempotency.Stored(
+                200,
+                _replayable_headers(response),
+                body=hit.body,
+                events=hit.events,
+                stream=bool(hit.events),
+            ),
         )
     return response
 
@@ -585,8 +626,16 @@ async def _stream(
         # Always ask for the usage chunk: it is what the stream is billed from.
         body["stream_options"] = {**options, "include_usage": True}
     handle = await call.endpoint.open_stream(deployment, body, call.headers)
-    relay = StreamRelay(call, table, group, deployment, ticket, handle, began,
-                        call.endpoint.tracker(client_wants_usage))
+    relay = StreamRelay(
+        call,
+        table,
+        group,
+        deployment,
+        ticket,
+        handle,
+        began,
+        call.endpoint.tracker(client_wants_usage),
+    )
     # The pump runs in a fresh context so it can finish billing after the client's
     # request is torn down (Django refuses ORM work from a finished request's context).
     task = asyncio.get_running_loop().create_task(relay.pump(), context=contextvars.Context())
@@ -686,7 +735,9 @@ class StreamRelay:
                 )
             elif not self.tracker.ended:
                 failure = upstream.UpstreamError(
-                    502, "The provider's stream ended before it was complete.", "connection",
+                    502,
+                    "The provider's stream ended before it was complete.",
+                    "connection",
                     partial=True,
                 )
         except upstream.UpstreamError as exc:
@@ -748,13 +799,23 @@ class StreamRelay:
         try:
             if failure is None:
                 await breaker.succeeded(
-                    self.table, self.group, deployment, stream=True, began=self.began,
+                    self.table,
+                    self.group,
+                    deployment,
+                    stream=True,
+                    began=self.began,
                     first_byte=first_byte,
                 )
             else:
                 await breaker.failed(
-                    self.table, self.group, deployment, self.table.policy(self.group),
-                    status=failure.status, retry_after=None, counts=True, stream=True,
+                    self.table,
+                    self.group,
+                    deployment,
+                    self.table.policy(self.group),
+                    status=failure.status,
+                    retry_after=None,
+                    counts=True,
+                    stream=True,
                     began=self.began,
                 )
         except Exception:
@@ -790,8 +851,9 @@ class StreamRelay:
         if call.cache_key is not None and usage is not None:
             await response_cache.store(
                 call.cache_key,
-                response_cache.Entry(body=b"", events=self.sent, deployment_id=self.deployment.id,
-                                     usage=usage),
+                response_cache.Entry(
+                    body=b"", events=self.sent, deployment_id=self.deployment.id, usage=usage
+                ),
             )
 
 
@@ -810,7 +872,8 @@ async def count_message_tokens(request: HttpRequest) -> dict[str, int]:
             deployment, {k.lower(): v for k, v in request.headers.items()}
         )
         payload = upstream.passthrough_payload(
-            deployment, {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools")}
+            deployment,
+            {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools")},
         )
         try:
             answer = await upstream.passthrough_json(

@@ -78,7 +78,9 @@ def _encode(entry: Entry) -> bytes:
         {
             "body": base64.b64encode(entry.body).decode(),
             # Comment lines carry the original request's cost; a hit costs its own.
-            "events": [base64.b64encode(e).decode() for e in entry.events if not e.startswith(b":")],
+            "events": [
+                base64.b64encode(e).decode() for e in entry.events if not e.startswith(b":")
+            ],
             "deployment_id": entry.deployment_id,
             "usage": [
                 entry.usage.prompt_tokens,

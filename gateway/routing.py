@@ -97,7 +97,9 @@ class RoutingTable:
         return self.routers.get(self.resolve(name))
 
     def public_names(self) -> list[str]:
-        names = set(self.groups) | {a for a, target in self.aliases.items() if target in self.groups}
+        names = set(self.groups) | {
+            a for a, target in self.aliases.items() if target in self.groups
+        }
         return sorted(names)
 
     def max_prices(self, *names: str) -> Prices:

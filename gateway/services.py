@@ -1,8 +1,9 @@
-"""Writes to the data plane's tables: teams, keys and model deployments.
+"""Writes to the data plane's tables: teams, keys, model deployments, groups, aliases.
 
 Every change goes through a function here (never `.save()` at the edges), so that
-bumping the configuration version, caches and, later, the audit log happen in one
-place.
+bumping the configuration version and the audit log happen in one place. Each
+function takes the `actor` to record: a dashboard user's name, "admin-api" for the
+management API, "system" for commands.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.db import transaction
+from django.db import models, transaction
+from django.forms.models import model_to_dict
 from django.utils import timezone
 
 from gateway.crypto import encrypt_secret, hash_key_secret, new_key_secret
 from gateway.errors import GatewayError, invalid_request
 from gateway.models import (
+    AuditEntry,
     ConfigVersion,
     KeySecret,
     ModelAlias,
@@ -27,6 +30,43 @@ from gateway.models import (
     Team,
     VirtualKey,
 )
+
+
+# Never copied into an audit snapshot.
+_SECRET_FIELDS = {"api_key_encrypted": "has_api_key"}
+
+
+def snapshot(obj: models.Model | None) -> dict[str, Any] | None:
+    """A JSON-safe copy of an object's fields for the audit log, without secrets."""
+    if obj is None:
+        return None
+    data = model_to_dict(obj)
+    for secret, flag in _SECRET_FIELDS.items():
+        if secret in data:
+            data[flag] = bool(data.pop(secret))
+    return {
+        k: (v if isinstance(v, str | int | float | bool | list | dict | type(None)) else str(v))
+        for k, v in data.items()
+    }
+
+
+def audit(
+    *,
+    actor: str,
+    action: str,
+    obj: models.Model,
+    before: dict[str, Any] | None,
+    team_id: int | None = None,
+) -> None:
+    AuditEntry.objects.create(
+        actor=actor[:200],
+        action=action,
+        object_type=obj._meta.model_name or type(obj).__name__.lower(),
+        object_id=str(obj.pk),
+        team_id=team_id,
+        before=before,
+        after=None if action == "delete" else snapshot(obj),
+    )
 
 
 def config_version_bump() -> str:
@@ -40,31 +80,36 @@ def config_version_bump() -> str:
 # --- Teams ----------------------------------------------------------------------
 
 
-def team_create(*, name: str, **fields: Any) -> Team:
+def team_create(*, name: str, actor: str = "system", **fields: Any) -> Team:
     if Team.objects.filter(name=name).exists():
         raise GatewayError(
             f"A team named {name!r} already exists.", 409, code="conflict", param="name"
         )
     team = Team(name=name, **fields)
     team.full_clean()
-    team.save()
+    with transaction.atomic():
+        team.save()
+        audit(actor=actor, action="create", obj=team, before=None, team_id=team.id)
     return team
 
 
-def team_update(*, team: Team, **fields: Any) -> Team:
+def team_update(*, team: Team, actor: str = "system", **fields: Any) -> Team:
     name = fields.get("name")
     if name and Team.objects.filter(name=name).exclude(id=team.id).exists():
         raise GatewayError(
             f"A team named {name!r} already exists.", 409, code="conflict", param="name"
         )
+    before = snapshot(team)
     for attr, value in fields.items():
         setattr(team, attr, value)
     team.full_clean()
-    team.save(update_fields=[*fields.keys(), "updated_at"])
+    with transaction.atomic():
+        team.save(update_fields=[*fields.keys(), "updated_at"])
+        audit(actor=actor, action="update", obj=team, before=before, team_id=team.id)
     return team
 
 
-def team_delete(*, team: Team) -> None:
+def team_delete(*, team: Team, actor: str = "system") -> None:
     if team.keys.filter(revoked_at__isnull=True).exists():
         raise GatewayError(
             "The team still has active keys; revoke them before deleting the team.",
@@ -75,7 +120,10 @@ def team_delete(*, team: Team) -> None:
         # Revoked keys keep their history in the ledger; remove their secrets first.
         KeySecret.objects.filter(key__team=team).delete()
         VirtualKey.objects.filter(team=team).delete()
+        before, team_id = snapshot(team), team.id
         team.delete()
+        team.pk = team_id
+        audit(actor=actor, action="delete", obj=team, before=before, team_id=team_id)
 
 
 # --- Virtual keys -------------------------------------------------------------------
@@ -93,33 +141,41 @@ def _add_secret(key: VirtualKey) -> str:
     return secret
 
 
-def key_create(*, team: Team, name: str, **fields: Any) -> IssuedKey:
+def key_create(*, team: Team, name: str, actor: str = "system", **fields: Any) -> IssuedKey:
     with transaction.atomic():
         key = VirtualKey(team=team, name=name, **fields)
         key.full_clean()
         key.save()
         secret = _add_secret(key)
+        audit(actor=actor, action="create", obj=key, before=None, team_id=team.id)
     return IssuedKey(key=key, secret=secret)
 
 
-def key_update(*, key: VirtualKey, **fields: Any) -> VirtualKey:
+def key_update(*, key: VirtualKey, actor: str = "system", **fields: Any) -> VirtualKey:
+    before = snapshot(key)
     for attr, value in fields.items():
         setattr(key, attr, value)
     key.full_clean()
-    key.save(update_fields=[*fields.keys(), "updated_at"])
+    with transaction.atomic():
+        key.save(update_fields=[*fields.keys(), "updated_at"])
+        audit(actor=actor, action="update", obj=key, before=before, team_id=key.team_id)
     return key
 
 
-def key_revoke(*, key: VirtualKey) -> VirtualKey:
-    # Compare-and-set so two concurrent revokes record one revocation time.
-    VirtualKey.objects.filter(id=key.id, revoked_at__isnull=True).update(
-        revoked_at=timezone.now(), updated_at=timezone.now()
-    )
-    key.refresh_from_db()
+def key_revoke(*, key: VirtualKey, actor: str = "system") -> VirtualKey:
+    before = snapshot(key)
+    with transaction.atomic():
+        # Compare-and-set so two concurrent revokes record one revocation.
+        revoked = VirtualKey.objects.filter(id=key.id, revoked_at__isnull=True).update(
+            revoked_at=timezone.now(), updated_at=timezone.now()
+        )
+        key.refresh_from_db()
+        if revoked:
+            audit(actor=actor, action="revoke", obj=key, before=before, team_id=key.team_id)
     return key
 
 
-def key_rotate(*, key: VirtualKey, grace_seconds: int = 0) -> IssuedKey:
+def key_rotate(*, key: VirtualKey, grace_seconds: int = 0, actor: str = "system") -> IssuedKey:
     if key.revoked_at is not None:
         raise invalid_request("A revoked key cannot be rotated; issue a new key instead.")
     if grace_seconds < 0:
@@ -135,8 +191,10 @@ def key_rotate(*, key: VirtualKey, grace_seconds: int = 0) -> IssuedKey:
         KeySecret.objects.filter(key=locked, expires_at__gt=old_expiry).update(
             expires_at=old_expiry
         )
+        before = snapshot(locked)
         secret = _add_secret(locked)
         locked.save(update_fields=["updated_at"])
+        audit(actor=actor, action="rotate", obj=locked, before=before, team_id=locked.team_id)
     return IssuedKey(key=locked, secret=secret)
 
 
@@ -155,29 +213,39 @@ def _apply_deployment_fields(deployment: ModelDeployment, fields: dict[str, Any]
     return changed
 
 
-def deployment_create(*, name: str, provider_model: str, **fields: Any) -> ModelDeployment:
+def deployment_create(
+    *, name: str, provider_model: str, actor: str = "system", **fields: Any
+) -> ModelDeployment:
     deployment = ModelDeployment(name=name, provider_model=provider_model)
     _apply_deployment_fields(deployment, fields)
     deployment.full_clean()
     with transaction.atomic():
         deployment.save()
         config_version_bump()
+        audit(actor=actor, action="create", obj=deployment, before=None)
     return deployment
 
 
-def deployment_update(*, deployment: ModelDeployment, **fields: Any) -> ModelDeployment:
+def deployment_update(
+    *, deployment: ModelDeployment, actor: str = "system", **fields: Any
+) -> ModelDeployment:
+    before = snapshot(deployment)
     changed = _apply_deployment_fields(deployment, fields)
     deployment.full_clean()
     with transaction.atomic():
         deployment.save(update_fields=[*changed, "updated_at"])
         config_version_bump()
+        audit(actor=actor, action="update", obj=deployment, before=before)
     return deployment
 
 
-def deployment_delete(*, deployment: ModelDeployment) -> None:
+def deployment_delete(*, deployment: ModelDeployment, actor: str = "system") -> None:
+    before, pk = snapshot(deployment), deployment.pk
     with transaction.atomic():
         deployment.delete()
         config_version_bump()
+        deployment.pk = pk
+        audit(actor=actor, action="delete", obj=deployment, before=before)
 
 
 def money_to_micro(value: Decimal | None) -> int | None:
@@ -190,32 +258,42 @@ def money_to_micro(value: Decimal | None) -> int | None:
 # --- model groups and aliases -------------------------------------------------------------
 
 
-def group_save(*, name: str, **fields: Any) -> ModelGroup:
+def group_save(*, name: str, actor: str = "system", **fields: Any) -> ModelGroup:
     """Create or update the routing policy of the public model `name`."""
     for list_field in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
         if name in (fields.get(list_field) or []):
-            raise invalid_request(f"A model cannot fall back to itself ('{name}').", param=list_field)
+            raise invalid_request(
+                f"A model cannot fall back to itself ('{name}').", param=list_field
+            )
     with transaction.atomic():
-        group = ModelGroup.objects.select_for_update().filter(name=name).first() or ModelGroup(name=name)
+        found = ModelGroup.objects.select_for_update().filter(name=name).first()
+        group = found or ModelGroup(name=name)
+        before = snapshot(found)
         for attr, value in fields.items():
             setattr(group, attr, value)
         group.full_clean()
         group.save()
         config_version_bump()
+        audit(actor=actor, action="update" if found else "create", obj=group, before=before)
     return group
 
 
-def group_delete(*, group: ModelGroup) -> None:
+def group_delete(*, group: ModelGroup, actor: str = "system") -> None:
+    before, pk = snapshot(group), group.pk
     with transaction.atomic():
         group.delete()
         config_version_bump()
+        group.pk = pk
+        audit(actor=actor, action="delete", obj=group, before=before)
 
 
-def alias_create(*, alias: str, target: str) -> ModelAlias:
+def alias_create(*, alias: str, target: str, actor: str = "system") -> ModelAlias:
     if alias == target:
         raise invalid_request("An alias cannot point at itself.", param="target")
     if ModelAlias.objects.filter(alias=alias).exists():
-        raise GatewayError(f"The alias '{alias}' already exists.", 409, code="conflict", param="alias")
+        raise GatewayError(
+            f"The alias '{alias}' already exists.", 409, code="conflict", param="alias"
+        )
     if ModelDeployment.objects.filter(name=alias).exists():
         raise GatewayError(
             f"'{alias}' is already the name of a model; an alias must be a new name.",
@@ -226,10 +304,14 @@ def alias_create(*, alias: str, target: str) -> ModelAlias:
     with transaction.atomic():
         created = ModelAlias.objects.create(alias=alias, target=target)
         config_version_bump()
+        audit(actor=actor, action="create", obj=created, before=None)
     return created
 
 
-def alias_delete(*, alias: ModelAlias) -> None:
+def alias_delete(*, alias: ModelAlias, actor: str = "system") -> None:
+    before, pk = snapshot(alias), alias.pk
     with transaction.atomic():
         alias.delete()
         config_version_bump()
+        alias.pk = pk
+        audit(actor=actor, action="delete", obj=alias, before=before)

@@ -107,7 +107,9 @@ def openai_target(deployment: Deployment, path: str) -> tuple[str, dict[str, str
     return f"{base}/{path}", headers
 
 
-def anthropic_target(deployment: Deployment, client_headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+def anthropic_target(
+    deployment: Deployment, client_headers: dict[str, str]
+) -> tuple[str, dict[str, str]]:
     """URL and headers for Anthropic's /v1/messages; version and beta flags come from the client."""
     base = (deployment.api_base or ANTHROPIC_DEFAULT_BASE).rstrip("/")
     url = f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
@@ -178,7 +180,9 @@ def passthrough_payload(deployment: Deployment, body: dict[str, Any]) -> dict[st
     return payload
 
 
-async def passthrough_json(target: tuple[str, dict[str, str]], deployment: Deployment, payload: dict[str, Any]) -> JsonAnswer:
+async def passthrough_json(
+    target: tuple[str, dict[str, str]], deployment: Deployment, payload: dict[str, Any]
+) -> JsonAnswer:
     url, headers = target
     try:
         response = await _client().post(
@@ -337,7 +341,13 @@ def openai_chunk(chunk: Any) -> bytes:
 def typed_event(event: Any) -> bytes:
     """A Responses-API style event: `event: <type>` plus its JSON."""
     data = _dump(event)
-    return b"event: " + str(data.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    return (
+        b"event: "
+        + str(data.get("type", "message")).encode()
+        + b"\ndata: "
+        + orjson.dumps(data)
+        + b"\n\n"
+    )
 
 
 async def litellm_stream(

@@ -365,7 +365,9 @@ def validate_completions(body: dict[str, Any]) -> Parsed:
     model = _model_or_first_of_models(body)
     prompt = body.get("prompt")
     if prompt is None or prompt == "" or prompt == []:
-        raise invalid_request("'prompt' is required: a string or an array of strings.", param="prompt")
+        raise invalid_request(
+            "'prompt' is required: a string or an array of strings.", param="prompt"
+        )
     if not isinstance(prompt, str | list):
         raise invalid_request("'prompt' must be a string or an array.", param="prompt")
     stream = _stream(body)
@@ -384,7 +386,9 @@ def validate_responses(body: dict[str, Any]) -> Parsed:
     model = _model_or_first_of_models(body)
     value = body.get("input")
     if value is None or value == "" or value == []:
-        raise invalid_request("'input' is required: a string or an array of input items.", param="input")
+        raise invalid_request(
+            "'input' is required: a string or an array of input items.", param="input"
+        )
     if not isinstance(value, str | list):
         raise invalid_request("'input' must be a string or an array of input items.", param="input")
     stream = _stream(body)
@@ -409,10 +413,13 @@ def validate_messages(body: dict[str, Any]) -> Parsed:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise invalid_request(
-                f"messages.{index}.role: must be 'user' or 'assistant'", param=f"messages.{index}.role"
+                f"messages.{index}.role: must be 'user' or 'assistant'",
+                param=f"messages.{index}.role",
             )
         if "content" not in message:
-            raise invalid_request(f"messages.{index}.content: Field required", param=f"messages.{index}.content")
+            raise invalid_request(
+                f"messages.{index}.content: Field required", param=f"messages.{index}.content"
+            )
     system = body.get("system")
     if system is not None and not isinstance(system, str | list):
         raise invalid_request("system: must be a string or an array of text blocks", param="system")
@@ -420,7 +427,9 @@ def validate_messages(body: dict[str, Any]) -> Parsed:
     _number(body, "top_p", 0, 1)
     _positive_int(body, "top_k", 1_000_000)
     stops = body.get("stop_sequences")
-    if stops is not None and (not isinstance(stops, list) or not all(isinstance(x, str) for x in stops)):
+    if stops is not None and (
+        not isinstance(stops, list) or not all(isinstance(x, str) for x in stops)
+    ):
         raise invalid_request("stop_sequences: must be an array of strings", param="stop_sequences")
     _tools(body)
     metadata = body.get("metadata")
@@ -428,7 +437,9 @@ def validate_messages(body: dict[str, Any]) -> Parsed:
         raise invalid_request("metadata: must be an object", param="metadata")
     user = (metadata or {}).get("user_id") or ""
     if not isinstance(user, str) or len(user) > 256:
-        raise invalid_request("metadata.user_id: must be a string of at most 256 characters", param="metadata.user_id")
+        raise invalid_request(
+            "metadata.user_id: must be a string of at most 256 characters", param="metadata.user_id"
+        )
     return Parsed(model, _stream(body), user, _fallbacks(body))
 
 

@@ -4,53 +4,74 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('gateway', '0001_initial'),
+        ("gateway", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ModelAlias',
+            name="ModelAlias",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('alias', models.CharField(max_length=200, unique=True)),
-                ('target', models.CharField(max_length=200)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("alias", models.CharField(max_length=200, unique=True)),
+                ("target", models.CharField(max_length=200)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['alias'],
+                "ordering": ["alias"],
             },
         ),
         migrations.CreateModel(
-            name='ModelGroup',
+            name="ModelGroup",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, unique=True)),
-                ('routing_strategy', models.CharField(choices=[('simple-shuffle', 'Simple Shuffle'), ('least-busy', 'Least Busy'), ('latency-based-routing', 'Latency Based'), ('cost-based-routing', 'Cost Based')], default='simple-shuffle', max_length=32)),
-                ('fallbacks', models.JSONField(blank=True, default=list)),
-                ('context_window_fallbacks', models.JSONField(blank=True, default=list)),
-                ('content_policy_fallbacks', models.JSONField(blank=True, default=list)),
-                ('num_retries', models.PositiveSmallIntegerField(default=2)),
-                ('retry_backoff_seconds', models.FloatField(default=0.5)),
-                ('max_retry_after_seconds', models.FloatField(default=10.0)),
-                ('allowed_fails', models.PositiveSmallIntegerField(default=3)),
-                ('cooldown_seconds', models.FloatField(default=10.0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200, unique=True)),
+                (
+                    "routing_strategy",
+                    models.CharField(
+                        choices=[
+                            ("simple-shuffle", "Simple Shuffle"),
+                            ("least-busy", "Least Busy"),
+                            ("latency-based-routing", "Latency Based"),
+                            ("cost-based-routing", "Cost Based"),
+                        ],
+                        default="simple-shuffle",
+                        max_length=32,
+                    ),
+                ),
+                ("fallbacks", models.JSONField(blank=True, default=list)),
+                ("context_window_fallbacks", models.JSONField(blank=True, default=list)),
+                ("content_policy_fallbacks", models.JSONField(blank=True, default=list)),
+                ("num_retries", models.PositiveSmallIntegerField(default=2)),
+                ("retry_backoff_seconds", models.FloatField(default=0.5)),
+                ("max_retry_after_seconds", models.FloatField(default=10.0)),
+                ("allowed_fails", models.PositiveSmallIntegerField(default=3)),
+                ("cooldown_seconds", models.FloatField(default=10.0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.AddField(
-            model_name='team',
-            name='cache_ttl_seconds',
+            model_name="team",
+            name="cache_ttl_seconds",
             field=models.PositiveIntegerField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='virtualkey',
-            name='cache_ttl_seconds',
+            model_name="virtualkey",
+            name="cache_ttl_seconds",
             field=models.PositiveIntegerField(blank=True, null=True),
         ),
     ]
