@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db.models import Sum
-from django.http import HttpResponse
+from django.http.response import HttpResponseBase
 
 from billing import alerts
 from billing.models import LedgerEntry
@@ -654,7 +654,7 @@ async def release(ticket: Ticket) -> None:
     await settle(ticket, 0)
 
 
-def apply_headers(response: HttpResponse, ticket: Ticket) -> None:
+def apply_headers(response: HttpResponseBase, ticket: Ticket) -> None:
     for name, value in ticket.headers.items():
         response[name] = value
 

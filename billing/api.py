@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, StreamingHttpResponse
 from ninja import Query, Router, Schema
 
 from billing import admission
@@ -209,7 +209,7 @@ def ledger(request: HttpRequest, query: Query[LedgerQuery], page: Query[PagePara
         )
     )
     if query.format == "csv":
-        response: HttpResponse = StreamingHttpResponse(_csv(rows), content_type="text/csv")
+        response = StreamingHttpResponse(_csv(rows), content_type="text/csv")
         response["content-disposition"] = 'attachment; filename="ledger.csv"'
         return response
     return page.of(rows, LedgerOut.of)

@@ -1,7 +1,7 @@
 """Prices and the cost arithmetic. Exact: Decimal in, integer micro-USD out.
 
 A price "per million tokens" in USD is numerically the cost of one token in
-micro-USD, so `tokens × price_per_million` is already micro-USD. Each ledger row is
+micro-USD, so `tokens * price_per_million` is already micro-USD. Each ledger row is
 rounded up to a whole micro-dollar (ROUND_CEILING): a request that used any
 tokens is never recorded as free, and a reservation computed with the same rule is
 always at least the cost it settles into.
@@ -31,7 +31,7 @@ class Prices:
     @property
     def max_input(self) -> Decimal:
         # Any prompt token may turn out to be a cache write, which can cost more
-        # than a plain input token (Anthropic: 1.25×).
+        # than a plain input token (Anthropic: 1.25 times).
         return max(self.input, self.cached_input, self.cache_write)
 
     @property

@@ -81,7 +81,8 @@ def parse_database_url(raw: str) -> DatabaseUrl:
     parts = urlsplit(raw)
     if parts.scheme not in {"postgres", "postgresql", "postgresql+psycopg"}:
         raise ImproperlyConfigured(
-            f"DATABASE_URL has scheme {parts.scheme!r}; use postgres://user:password@host:5432/dbname "
+            f"DATABASE_URL has scheme {parts.scheme!r}; "
+            "use postgres://user:password@host:5432/dbname "
             "(leave DATABASE_URL unset to use the embedded SQLite file)."
         )
     name = unquote(parts.path.lstrip("/"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 from ninja import Router
 
 from billing.api import SpendOut, spend_report
@@ -28,24 +29,24 @@ def _json(data: object, status: int = 200) -> HttpResponse:
 
 
 @router.post("/chat/completions", openapi_extra=_BODY_DOC, summary="Create a chat completion")
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     return await proxy.handle(request, dialects.CHAT)
 
 
 @router.post("/completions", openapi_extra=_BODY_DOC, summary="Create a legacy completion")
-async def completions(request: HttpRequest) -> HttpResponse:
+async def completions(request: HttpRequest) -> HttpResponseBase:
     return await proxy.handle(request, dialects.COMPLETIONS)
 
 
 @router.post("/embeddings", openapi_extra=_BODY_DOC, summary="Create embeddings")
-async def embeddings(request: HttpRequest) -> HttpResponse:
+async def embeddings(request: HttpRequest) -> HttpResponseBase:
     return await proxy.handle(request, dialects.EMBEDDINGS)
 
 
 @router.post(
     "/responses", openapi_extra=_BODY_DOC, summary="Create a model response (Responses API)"
 )
-async def responses(request: HttpRequest) -> HttpResponse:
+async def responses(request: HttpRequest) -> HttpResponseBase:
     return await proxy.handle(request, dialects.RESPONSES)
 
 
@@ -55,7 +56,7 @@ async def responses(request: HttpRequest) -> HttpResponse:
     summary="Create a message (Anthropic Messages API)",
     tags=["Anthropic-compatible"],
 )
-async def messages(request: HttpRequest) -> HttpResponse:
+async def messages(request: HttpRequest) -> HttpResponseBase:
     return await proxy.handle(request, dialects.MESSAGES)
 
 

@@ -11,8 +11,7 @@ from gateway.routing import RoutingTable
 
 def _price(value: Decimal) -> str:
     # USD per 1M tokens as a plain decimal string ("0.15", never "1.5E-7").
-    text = format(value.normalize(), "f")
-    return text if "." in text or text == "0" else text
+    return format(value.normalize(), "f")
 
 
 def model_card(table: RoutingTable, name: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -130,7 +131,8 @@ class _Redis:
         )
 
     async def get(self, key: str) -> bytes | None:
-        return await redis_client.guarded(redis_client.client().get(key))
+        value = await redis_client.guarded(redis_client.client().get(key))
+        return value.encode() if isinstance(value, str) else value
 
     async def set(self, key: str, value: bytes, ttl: int) -> None:
         await redis_client.guarded(redis_client.client().set(key, value, ex=ttl))
@@ -191,7 +193,8 @@ async def claim(
                 return Claim(storage_key, body_fingerprint, replay=stored)
             if time.monotonic() >= deadline:
                 raise GatewayError(
-                    "A request with this Idempotency-Key is still running; retry after it completes.",
+                    "A request with this Idempotency-Key is still running; "
+                    "retry after it completes.",
                     409,
                     "invalid_request_error",
                     "idempotency_key_in_progress",
@@ -212,10 +215,10 @@ async def complete(claim: Claim, stored: Stored) -> None:
 
 
 async def release(claim: Claim) -> None:
-    try:
+    # If the store is unreachable, the pending claim expires by itself after
+    # PENDING_TTL_SECONDS.
+    with contextlib.suppress(redis_client.RedisUnavailable):
         await _backend().delete(claim.storage_key)
-    except redis_client.RedisUnavailable:
-        pass  # the pending claim expires by itself after PENDING_TTL_SECONDS
 
 
 REPLAYED_HEADERS = (

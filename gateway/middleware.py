@@ -63,7 +63,7 @@ def RequestIdMiddleware(
         async def middleware(request: HttpRequest) -> HttpResponse:
             request_id = f"req_{uuid.uuid4().hex}"
             request.request_id = request_id  # type: ignore[attr-defined]
-            response = await get_response(request)  # type: ignore[misc]
+            response = await get_response(request)
             return _finish(request, response, request_id)
 
         return middleware

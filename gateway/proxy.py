@@ -14,6 +14,7 @@ received always has its row, even if the process is killed right after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.utils import timezone
 
 from billing import admission
@@ -334,7 +336,7 @@ def _backoff(retry: int, exc: upstream.UpstreamError, base: float, cap: float) -
 # --- the flow ------------------------------------------------------------------------------------
 
 
-async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponse:
+async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
     started_mono = time.monotonic()
     principal = await authenticate(request)
     body = parse_json_body(request)
@@ -389,8 +391,8 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponse:
         raise
 
 
-def _replay(stored: idempotency.Stored) -> HttpResponse:
-    response: HttpResponse
+def _replay(stored: idempotency.Stored) -> HttpResponseBase:
+    response: HttpResponseBase
     if stored.stream:
         events = list(stored.events)
 
@@ -409,7 +411,7 @@ def _replay(stored: idempotency.Stored) -> HttpResponse:
 
 async def _attempts(
     call: Call, table: RoutingTable, chain: list[str], ticket: admission.Ticket
-) -> HttpResponse:
+) -> HttpResponseBase:
     last: upstream.UpstreamError | None = None
     tried_any = False
     queue = list(chain)
@@ -501,7 +503,7 @@ def _too_long(call: Call, table: RoutingTable, group: str) -> bool:
     return bool(limits) and call.prompt_tokens > max(limits)
 
 
-def _gateway_headers(response: HttpResponse, call: Call, deployment: Deployment | None) -> None:
+def _gateway_headers(response: HttpResponseBase, call: Call, deployment: Deployment | None) -> None:
     response["x-gateway-request-id"] = call.request_id
     response["x-gateway-attempts"] = str(call.attempts)
     if deployment is not None:
@@ -520,7 +522,7 @@ def _upstream_body(call: Call) -> dict[str, Any]:
     return body
 
 
-def _replayable_headers(response: HttpResponse) -> dict[str, str]:
+def _replayable_headers(response: HttpResponseBase) -> dict[str, str]:
     return {
         name: response[name] for name in idempotency.REPLAYED_HEADERS if response.has_header(name)
     }
@@ -533,7 +535,7 @@ async def _json(
     deployment: Deployment,
     ticket: admission.Ticket,
     began: datetime,
-) -> HttpResponse:
+) -> HttpResponseBase:
     answer = await call.endpoint.call_json(deployment, _upstream_body(call), call.headers)
     usage = call.endpoint.usage_from_json(answer.data)
     estimated = usage is None
@@ -569,7 +571,9 @@ async def _json(
     return response
 
 
-async def _serve_hit(call: Call, table: RoutingTable, hit: response_cache.Entry) -> HttpResponse:
+async def _serve_hit(
+    call: Call, table: RoutingTable, hit: response_cache.Entry
+) -> HttpResponseBase:
     """A cached answer: no provider call, one ledger row marked as a cache hit."""
     deployment = table.deployments.get(hit.deployment_id)
     call.attempts = 1
@@ -582,7 +586,7 @@ async def _serve_hit(call: Call, table: RoutingTable, hit: response_cache.Entry)
         cache_hit=True,
     )
     await _write(call, record)
-    response: HttpResponse
+    response: HttpResponseBase
     if hit.events:
         events = list(hit.events)
 
@@ -617,7 +621,7 @@ async def _stream(
     deployment: Deployment,
     ticket: admission.Ticket,
     began: datetime,
-) -> HttpResponse:
+) -> HttpResponseBase:
     body = _upstream_body(call)
     body["stream"] = True
     options = body.get("stream_options") or {}
@@ -749,10 +753,9 @@ class StreamRelay:
             failure = upstream.UpstreamError(502, str(exc), "connection", partial=True)
         finally:
             if self.handle.close is not None:
-                try:
+                # Closing a connection that already died may fail; nothing to do then.
+                with contextlib.suppress(Exception):
                     await self.handle.close()
-                except Exception:  # noqa: S110 - closing a dead connection may fail; nothing to do
-                    pass
         await self._finish(events, failure, first_byte, ttft_ms)
 
     async def _finish(

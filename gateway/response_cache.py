@@ -118,7 +118,9 @@ async def lookup(key: CacheKey) -> Entry | None:
     except redis_client.RedisUnavailable:
         logger.warning("response cache unavailable; serving without it")
         return None
-    return _decode(raw) if raw else None
+    if not raw:
+        return None
+    return _decode(raw.encode() if isinstance(raw, str) else raw)
 
 
 async def store(key: CacheKey, entry: Entry) -> None:

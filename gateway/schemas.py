@@ -120,8 +120,8 @@ class ModelPatch(Schema):
 
 
 class ModelIn(ModelPatch):
-    name: str = Field(..., min_length=1, max_length=200)  # type: ignore[assignment]
-    provider_model: str = Field(..., min_length=3, max_length=300)  # type: ignore[assignment]
+    name: str = Field(..., min_length=1, max_length=200)
+    provider_model: str = Field(..., min_length=3, max_length=300)
 
 
 class ModelOut(Schema):
@@ -174,7 +174,7 @@ class ModelOut(Schema):
         )
 
 
-# --- teams -----------------------------------------------------------------------------------------
+# --- teams --------------------------------------------------------------------------------
 
 
 class TeamPatch(Schema):
@@ -219,7 +219,7 @@ class TeamPatch(Schema):
 
 
 class TeamIn(TeamPatch):
-    name: str = Field(..., min_length=1, max_length=200)  # type: ignore[assignment]
+    name: str = Field(..., min_length=1, max_length=200)
 
 
 class TeamOut(Schema):
@@ -256,7 +256,7 @@ class TeamOut(Schema):
         )
 
 
-# --- keys ----------------------------------------------------------------------------------------------
+# --- keys --------------------------------------------------------------------------------
 
 
 class KeyPatch(Schema):
@@ -278,7 +278,7 @@ class KeyPatch(Schema):
 
 class KeyIn(KeyPatch):
     team_id: int
-    name: str = Field(..., min_length=1, max_length=200)  # type: ignore[assignment]
+    name: str = Field(..., min_length=1, max_length=200)
 
 
 class RotateIn(Schema):

@@ -31,7 +31,6 @@ from gateway.models import (
     VirtualKey,
 )
 
-
 # Never copied into an audit snapshot.
 _SECRET_FIELDS = {"api_key_encrypted": "has_api_key"}
 

@@ -66,7 +66,7 @@ _SCHEMA_PATHS = (
 def _is_schema(path: tuple[str, ...]) -> bool:
     return any(
         len(path) == len(pattern)
-        and all(p == "*" and s.isdigit() or p == s for p, s in zip(pattern, path, strict=True))
+        and all((p == "*" and s.isdigit()) or p == s for p, s in zip(pattern, path, strict=True))
         for pattern in _SCHEMA_PATHS
     )
 
