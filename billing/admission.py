@@ -230,6 +230,20 @@ def ledger_spend(budget: Budget) -> int:
     return int(rows.aggregate(total=Sum("charged_cost_micro_usd"))["total"] or 0)
 
 
+async def _ledger_spend(budget: Budget) -> int:
+    try:
+        return await run_db(ledger_spend, budget)
+    except Exception as exc:  # Postgres unreachable: no counter can be trusted yet
+        raise GatewayError(
+            "The budget cannot be checked: the gateway's database is unreachable. "
+            "Retry shortly.",
+            503,
+            "server_error",
+            "database_unavailable",
+            headers={"retry-after": "2"},
+        ) from exc
+
+
 def _expiry_seconds(budget: Budget) -> int | None:
     if budget.period.end is None:
         return None
@@ -407,7 +421,7 @@ class RedisBackend:
             if result[0] != b"init":
                 return [result[0].decode(), *result[1:]]
             budget = budgets[int(result[1]) - 1]
-            spent = await run_db(ledger_spend, budget)
+            spent = await _ledger_spend(budget)
             await self._guard(
                 init_script(keys=[budget.redis_key], args=[spent, _expiry_seconds(budget) or 0])
             )
@@ -493,7 +507,7 @@ class LocalBackend:
             if result[0] != "init":
                 return result
             budget = budgets[int(result[1]) - 1]
-            spent = await run_db(ledger_spend, budget)
+            spent = await _ledger_spend(budget)
             self.budgets.setdefault(budget.redis_key, {"spent": spent, "reserved": 0})
         raise unavailable()
 

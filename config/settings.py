@@ -108,6 +108,9 @@ if DATABASE_URL:
             # Pooled connections are returned at the end of each request; the pool's
             # timeout and the statement timeout mean nothing waits on Postgres forever.
             "CONN_MAX_AGE": 0,
+            # After a Postgres restart pooled connections are dead; checking them on
+            # checkout replaces them instead of failing one request each.
+            "CONN_HEALTH_CHECKS": True,
             "OPTIONS": {
                 **_db.options,
                 "connect_timeout": max(1, round(DB_TIMEOUT_SECONDS)),
@@ -220,7 +223,74 @@ GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS",
 # maximum output is unknown.
 GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS = env_int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1)
 GATEWAY_KEY_PREFIX = "sk-gw-"
+# Where ledger rows wait, fsync'd, while Postgres is unreachable (billing/spool.py).
+GATEWAY_LEDGER_SPOOL_DIR = env_str("GATEWAY_LEDGER_SPOOL_DIR", str(VAR_DIR / "ledger-spool"))
 # Response cache: default TTL when a request turns it on with `x-gateway-cache: on`,
 # and whether a hit is billed like the original answer (default: hits are free).
 GATEWAY_CACHE_TTL_SECONDS = env_int("GATEWAY_CACHE_TTL_SECONDS", 3600, minimum=1)
 GATEWAY_CACHE_BILL_HITS = env_bool("GATEWAY_CACHE_BILL_HITS", False)
+
+# --- Workers: rollups, invoices, alerts, webhooks, batches -------------------------------
+# Outgoing mail for budget alerts (console by default: nothing leaves the machine).
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT_SECONDS", 10, minimum=1)
+EMAIL_FILE_PATH = env_str("EMAIL_FILE_PATH", str(VAR_DIR / "mail"))
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "LLM Gateway <gateway@localhost>")
+
+# Webhooks: deliveries to loopback/private addresses are refused (SSRF) unless allowed.
+GATEWAY_WEBHOOK_ALLOW_PRIVATE = env_bool("GATEWAY_WEBHOOK_ALLOW_PRIVATE", False)
+GATEWAY_WEBHOOK_TIMEOUT_SECONDS = env_float("GATEWAY_WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.1)
+GATEWAY_WEBHOOK_MAX_ATTEMPTS = env_int("GATEWAY_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1)
+# First retry delay; doubles per attempt (30 s, 1 min, 2 min, … ~1 h for the 8th).
+GATEWAY_WEBHOOK_RETRY_BASE_SECONDS = env_float(
+    "GATEWAY_WEBHOOK_RETRY_BASE_SECONDS", 30.0, minimum=0.01
+)
+GATEWAY_EMAIL_MAX_ATTEMPTS = env_int("GATEWAY_EMAIL_MAX_ATTEMPTS", 6, minimum=1)
+
+# Rollups: ledger rows created within this many seconds before the last run are
+# re-scanned, so a row whose transaction committed late is never missed.
+GATEWAY_ROLLUP_OVERLAP_SECONDS = env_int("GATEWAY_ROLLUP_OVERLAP_SECONDS", 300, minimum=0)
+GATEWAY_ROLLUP_INTERVAL_SECONDS = env_int("GATEWAY_ROLLUP_INTERVAL_SECONDS", 300, minimum=1)
+GATEWAY_ALERT_SWEEP_SECONDS = env_int("GATEWAY_ALERT_SWEEP_SECONDS", 30, minimum=1)
+# Closed months without an invoice are drafted this far back.
+GATEWAY_INVOICE_BACKFILL_MONTHS = env_int("GATEWAY_INVOICE_BACKFILL_MONTHS", 12, minimum=1)
+GATEWAY_INVOICE_PREFIX = env_str("GATEWAY_INVOICE_PREFIX", "INV")
+
+# Files and batches (OpenAI Batch API).
+GATEWAY_FILES_DIR = Path(env_str("GATEWAY_FILES_DIR", str(VAR_DIR / "files")))
+GATEWAY_FILES_STORAGE_BACKEND = env_str(
+    "GATEWAY_FILES_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage"
+)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "gateway_files": {
+        "BACKEND": GATEWAY_FILES_STORAGE_BACKEND,
+        "OPTIONS": (
+            {"location": str(GATEWAY_FILES_DIR)}
+            if GATEWAY_FILES_STORAGE_BACKEND.endswith("FileSystemStorage")
+            else {}
+        ),
+    },
+}
+GATEWAY_FILE_MAX_BYTES = env_int("GATEWAY_FILE_MAX_BYTES", 100 * 1024 * 1024, minimum=1024)
+GATEWAY_BATCH_MAX_LINES = env_int("GATEWAY_BATCH_MAX_LINES", 50_000, minimum=1)
+# Batch lines are charged this percentage less than live requests.
+GATEWAY_BATCH_DISCOUNT_PERCENT = env_float("GATEWAY_BATCH_DISCOUNT_PERCENT", 50.0)
+if not 0 <= GATEWAY_BATCH_DISCOUNT_PERCENT <= 100:
+    raise ImproperlyConfigured(
+        f"GATEWAY_BATCH_DISCOUNT_PERCENT={GATEWAY_BATCH_DISCOUNT_PERCENT} must be 0 to 100."
+    )
+# Lines of one team's batches in flight at once, across every worker.
+GATEWAY_BATCH_TEAM_CONCURRENCY = env_int("GATEWAY_BATCH_TEAM_CONCURRENCY", 16, minimum=1)
+# A worker renews its claim on the lines it runs every third of this; a line whose
+# claim lapsed (its worker died) is taken over by another worker.
+GATEWAY_BATCH_LEASE_SECONDS = env_float("GATEWAY_BATCH_LEASE_SECONDS", 60.0, minimum=0.5)
+# One task works on a batch for at most this long, then hands over to a fresh task
+# (well under the broker's visibility timeout, so a slow batch is never redelivered).
+GATEWAY_BATCH_SLICE_SECONDS = env_float("GATEWAY_BATCH_SLICE_SECONDS", 300.0, minimum=1)

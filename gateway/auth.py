@@ -96,6 +96,16 @@ def _load(secret_hash: str) -> KeyPrincipal | None:
     )
 
 
+def database_unavailable() -> GatewayError:
+    return GatewayError(
+        "The gateway cannot reach its database to check this key; retry shortly.",
+        503,
+        "server_error",
+        "database_unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
 def secret_from_request(request: HttpRequest) -> str | None:
     header = request.headers.get("authorization")
     if header:
@@ -118,7 +128,10 @@ async def authenticate(request: HttpRequest) -> KeyPrincipal:
     if cached is not None and now_mono - cached[1] < settings.GATEWAY_KEY_CACHE_SECONDS:
         principal = cached[0]
     else:
-        principal = await run_db(_load, secret_hash)
+        try:
+            principal = await run_db(_load, secret_hash)
+        except Exception as exc:  # Postgres down or its pool exhausted: fail fast and say so
+            raise database_unavailable() from exc
         if len(_cache) >= _MAX_ENTRIES:
             _cache.clear()
         _cache[secret_hash] = (principal, now_mono)

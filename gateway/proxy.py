@@ -31,7 +31,8 @@ from django.http.response import HttpResponseBase
 from django.utils import timezone
 
 from billing import admission
-from billing.ledger import AttemptRecord, ledger_write
+from billing import spool
+from billing.ledger import AttemptRecord
 from billing.models import LedgerStatus
 from billing.pricing import Usage, charged_cost_micro_usd, list_cost_micro_usd, micro_usd_to_str
 from gateway import breaker, errors, idempotency, response_cache, upstream, validation
@@ -215,9 +216,27 @@ def _record(
     )
 
 
+_replay_checked_at = 0.0
+REPLAY_INTERVAL_SECONDS = 5.0
+
+
 async def _write(call: Call, record: AttemptRecord) -> None:
-    await run_db(ledger_write, [record])
+    """The attempt's ledger row, in Postgres or, while it is down, in the durable spool."""
+    inserted = await run_db(spool.write_or_spool, [record])
     call.charged_micro_usd += record.charged_cost_micro_usd
+    global _replay_checked_at
+    now = time.monotonic()
+    if inserted and now - _replay_checked_at > REPLAY_INTERVAL_SECONDS:
+        # Postgres answers again: move anything spooled meanwhile into the ledger.
+        _replay_checked_at = now
+        if spool.pending():
+            _spawn(run_db(spool.replay))
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 # --- error mapping ---------------------------------------------------------------------------
@@ -642,9 +661,7 @@ async def _stream(
     )
     # The pump runs in a fresh context so it can finish billing after the client's
     # request is torn down (Django refuses ORM work from a finished request's context).
-    task = asyncio.get_running_loop().create_task(relay.pump(), context=contextvars.Context())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    _spawn(relay.pump())
     response = StreamingHttpResponse(relay.client_events(), content_type="text/event-stream")
     response["cache-control"] = "no-cache"
     response["x-accel-buffering"] = "no"

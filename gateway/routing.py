@@ -20,6 +20,7 @@ from django.conf import settings
 from billing.pricing import ZERO, Prices, per_million_from_per_token
 from gateway.crypto import decrypt_secret
 from gateway.db import run_db
+from gateway.errors import GatewayError
 from gateway.models import ConfigVersion, ModelAlias, ModelDeployment, ModelGroup
 
 logger = logging.getLogger(__name__)
@@ -315,9 +316,21 @@ class RoutingTableHolder:
                 and time.monotonic() - self._checked_at < settings.GATEWAY_CONFIG_POLL_SECONDS
             ):
                 return self._table
-            token = await run_db(_current_token)
-            if self._table is None or token != self._table.token:
-                self._table = build_table(await run_db(_load_config))
+            try:
+                token = await run_db(_current_token)
+                if self._table is None or token != self._table.token:
+                    self._table = build_table(await run_db(_load_config))
+            except Exception as exc:
+                if self._table is None:
+                    raise GatewayError(
+                        "The gateway cannot load its model configuration (database "
+                        "unreachable); retry shortly.",
+                        503,
+                        "server_error",
+                        "database_unavailable",
+                    ) from exc
+                # Keep serving the configuration we have; check again next interval.
+                logger.warning("configuration check failed (%s); keeping the current table", exc)
             self._checked_at = time.monotonic()
             return self._table
 
