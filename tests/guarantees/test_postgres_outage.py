@@ -25,9 +25,14 @@ def _pg_ctl(action: str) -> None:
     args = [f"{os.environ['PG_BIN_DIR']}/pg_ctl", "-D", os.environ["PG_DATA_DIR"], "-w", action]
     if action == "stop":
         args += ["-m", "fast"]
+    else:
+        # The server must not inherit our pipes, or run() would wait for it to exit.
+        args += ["-l", os.environ.get("PG_LOG", "/dev/null")]
     user = os.environ.get("PG_CTL_USER")
     command = ["runuser", "-u", user, "--", *args] if user else args
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
+    )
 
 
 def test_it_spools_during_a_postgres_outage_and_replays_after(
