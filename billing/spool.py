@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError, connections, router
 
 from billing.ledger import AttemptRecord, ledger_write
+from billing.models import LedgerEntry
 from billing.pricing import Usage
 
 logger = logging.getLogger(__name__)
@@ -112,9 +114,17 @@ def _replay_file(path: Path) -> int:
 def write_or_spool(records: list[AttemptRecord]) -> bool:
     """Insert the rows, or spool them durably if Postgres fails. True if inserted."""
     try:
-        ledger_write(records)
+        try:
+            ledger_write(records)
+        except (OperationalError, InterfaceError):
+            # Often just a connection that died with a Postgres restart: one more try
+            # on a fresh connection before falling back to the spool.
+            connections[router.db_for_write(LedgerEntry)].close()
+            ledger_write(records)
         return True
     except Exception as exc:  # any database failure: the rows must not be lost
-        logger.warning("ledger insert failed (%s); spooling %d rows", type(exc).__name__, len(records))
+        logger.warning(
+            "ledger insert failed (%s); spooling %d rows", type(exc).__name__, len(records)
+        )
         spool(records)
         return False

@@ -15,6 +15,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from billing.api import router as billing_router
 from gateway.api_admin import router as admin_router
+from gateway.api_batches import router as batches_router
 from gateway.api_v1 import router as v1_router
 from gateway.errors import GatewayError, dialect_for_path, error_response
 
@@ -29,6 +30,7 @@ api = NinjaAPI(
     urls_namespace="api",
 )
 api.add_router("v1/", v1_router)
+api.add_router("v1/", batches_router)
 api.add_router("api/admin/", admin_router)
 api.add_router("api/admin/", billing_router)
 

@@ -54,8 +54,15 @@ def _content_length(scope: dict[str, Any]) -> int:
     return 0
 
 
+def _body_limit(path: str) -> int:
+    # Batch input files are uploads, allowed to be far larger than one request.
+    return (
+        settings.GATEWAY_FILE_MAX_BYTES if path == "/v1/files" else settings.GATEWAY_MAX_BODY_BYTES
+    )
+
+
 async def _refuse_too_large(scope: dict[str, Any], send: Any) -> None:
-    error = body_too_large(settings.GATEWAY_MAX_BODY_BYTES)
+    error = body_too_large(_body_limit(scope["path"]))
     body = (
         error.anthropic_body()
         if dialect_for_path(scope["path"]) == "anthropic"
@@ -89,7 +96,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     path = scope.get("path", "")
     if any(path == root or path.startswith(root + "/") for root in _DATA_PLANE_ROOTS):
-        if _content_length(scope) > settings.GATEWAY_MAX_BODY_BYTES:
+        if _content_length(scope) > _body_limit(path):
             await _refuse_too_large(scope, send)
             return
         await data_plane(scope, receive, send)

@@ -1,13 +1,93 @@
-"""The Celery app. Redis is the broker when REDIS_URL is set; otherwise tasks run eagerly."""
+"""The Celery app. Redis is the broker when REDIS_URL is set; otherwise tasks run eagerly.
+
+Worker and beat run as separate processes (`celery -A config worker`, `celery -A
+config beat`). Every task is acknowledged late and rejected back to the queue if its
+worker dies (settings), and idempotent, so a redelivery is harmless. The broker only
+redelivers an unacknowledged task after its visibility timeout (an hour), so work
+that must resume sooner after a `kill -9` (batches, webhook retries) is also found
+again by the periodic sweeps below, and by the sweep each worker runs when it starts.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
+from celery.signals import worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 app = Celery("gateway")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+def durable(**overrides: Any) -> dict[str, Any]:
+    """Options every task shares: late ack, bounded retries with exponential backoff.
+
+    Only failures that a retry can cure are retried (the database or the broker
+    being briefly unreachable); a bug fails the task at once, loudly.
+    """
+    from django.db import InterfaceError, OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    options: dict[str, Any] = {
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "autoretry_for": (OperationalError, InterfaceError, RedisConnectionError),
+        "max_retries": 5,
+        "retry_backoff": 2,
+        "retry_backoff_max": 300,
+        "retry_jitter": True,
+    }
+    options.update(overrides)
+    return options
+
+
+@app.on_after_configure.connect
+def _beat_schedule(sender: Celery, **kwargs: Any) -> None:
+    from django.conf import settings
+
+    sender.conf.beat_schedule = {
+        "rollups-update": {
+            "task": "billing.rollups_update",
+            "schedule": float(settings.GATEWAY_ROLLUP_INTERVAL_SECONDS),
+        },
+        # The last two days against the ledger, every night; differences are stored and logged.
+        "rollups-reconcile": {
+            "task": "billing.rollups_reconcile",
+            "schedule": crontab(minute=20, hour=2),
+            "kwargs": {"hours": 48},
+        },
+        # Months close at midnight in each team's timezone, so this looks every hour.
+        "invoices-draft-due": {
+            "task": "billing.invoices_draft_due",
+            "schedule": crontab(minute=15),
+        },
+        "alerts-dispatch": {
+            "task": "billing.alerts_dispatch",
+            "schedule": float(settings.GATEWAY_ALERT_SWEEP_SECONDS),
+        },
+        "notifications-retry-due": {
+            "task": "billing.notifications_retry_due",
+            "schedule": 60.0,
+        },
+        # Batches whose worker stopped renewing its claim, and batches past their window.
+        "batches-resume": {
+            "task": "gateway.batches_resume",
+            "schedule": 60.0,
+        },
+    }
+
+
+@worker_ready.connect
+def _resume_after_start(sender: Any = None, **kwargs: Any) -> None:
+    # A worker that starts after another was killed picks up its batches once their
+    # claims have lapsed, without waiting for beat (or for the broker's redelivery).
+    from django.conf import settings
+
+    app.send_task(
+        "gateway.batches_resume", countdown=float(settings.GATEWAY_BATCH_LEASE_SECONDS) + 0.5
+    )

@@ -111,6 +111,7 @@ if DATABASE_URL:
             # After a Postgres restart pooled connections are dead; checking them on
             # checkout replaces them instead of failing one request each.
             "CONN_HEALTH_CHECKS": True,
+            "TEST": {"NAME": f"test_{_db.name}"},
             "OPTIONS": {
                 **_db.options,
                 "connect_timeout": max(1, round(DB_TIMEOUT_SECONDS)),
@@ -138,6 +139,18 @@ else:
             },
         }
     }
+# The data plane's own alias (gateway/db.py): the same database, used only from
+# run_db's long-lived worker threads, each keeping one persistent connection. No
+# pool between them and Postgres, so nothing to back off after Postgres restarts:
+# a dead connection is replaced on the spot (run_db retries once).
+DATABASES["hotpath"] = {
+    **DATABASES["default"],
+    "CONN_MAX_AGE": 600,
+    "CONN_HEALTH_CHECKS": False,
+    "OPTIONS": {k: v for k, v in DATABASES["default"]["OPTIONS"].items() if k != "pool"},
+    "TEST": {"MIRROR": "default"},
+}
+DATABASE_ROUTERS = ["gateway.db.HotPathRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, cache and Celery -----------------------------------------------------
@@ -260,6 +273,9 @@ GATEWAY_ALERT_SWEEP_SECONDS = env_int("GATEWAY_ALERT_SWEEP_SECONDS", 30, minimum
 # Closed months without an invoice are drafted this far back.
 GATEWAY_INVOICE_BACKFILL_MONTHS = env_int("GATEWAY_INVOICE_BACKFILL_MONTHS", 12, minimum=1)
 GATEWAY_INVOICE_PREFIX = env_str("GATEWAY_INVOICE_PREFIX", "INV")
+# An invoice covers ledger rows created up to this long before it is computed; rows
+# younger than that (a write may still be committing) go onto the next invoice.
+GATEWAY_INVOICE_CUTOFF_LAG_SECONDS = env_int("GATEWAY_INVOICE_CUTOFF_LAG_SECONDS", 60, minimum=0)
 
 # Files and batches (OpenAI Batch API).
 GATEWAY_FILES_DIR = Path(env_str("GATEWAY_FILES_DIR", str(VAR_DIR / "files")))

@@ -81,7 +81,7 @@ async def list_models(request: HttpRequest) -> HttpResponse:
 async def get_model(request: HttpRequest, model_id: str) -> HttpResponse:
     principal = await authenticate(request)
     table = await routing_tables.get()
-    if not table.group(model_id) or not principal.may_use(model_id):
+    if not table.group(model_id) or not table.may_use(principal, model_id):
         raise GatewayError(
             f"The model '{model_id}' does not exist or this key may not use it.",
             404,

@@ -43,4 +43,5 @@ def model_card(table: RoutingTable, name: str) -> dict[str, Any]:
 
 
 def models_for(table: RoutingTable, principal: KeyPrincipal) -> list[dict[str, Any]]:
-    return [model_card(table, name) for name in table.public_names() if principal.may_use(name)]
+    names = [name for name in table.public_names() if table.may_use(principal, name)]
+    return [model_card(table, name) for name in names]

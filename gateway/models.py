@@ -104,6 +104,9 @@ class KeySecret(models.Model):
     class Meta:
         ordering = ["-created_at"]
 
+    def __str__(self) -> str:
+        return f"…{self.last4} of key {self.key_id}"
+
 
 class RoutingStrategy(models.TextChoices):
     SIMPLE_SHUFFLE = "simple-shuffle"
@@ -176,6 +179,9 @@ class ConfigVersion(models.Model):
     singleton = models.BooleanField(default=True, unique=True)
     token = models.CharField(max_length=32)
     changed_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.token
 
 
 class ModelGroup(models.Model):
@@ -253,3 +259,138 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor} {self.action} {self.object_type}:{self.object_id}"
+
+
+# --- Files and batches (OpenAI's Files and Batch APIs) -----------------------------------------
+
+
+class FilePurpose(models.TextChoices):
+    BATCH = "batch"
+    BATCH_OUTPUT = "batch_output"
+
+
+class StoredFile(models.Model):
+    """A file uploaded through /v1/files, or a batch's output or error file.
+
+    The bytes live on the `gateway_files` storage backend under `storage_name`; the
+    row says whose they are. Team and key are ids, not foreign keys, as in the ledger:
+    a file outlives the key that uploaded it.
+    """
+
+    public_id = models.CharField(max_length=40, unique=True)  # "file-…"
+    team_id = models.BigIntegerField()
+    key_id = models.BigIntegerField(null=True, blank=True)
+    purpose = models.CharField(max_length=32, choices=FilePurpose.choices)
+    filename = models.CharField(max_length=255)
+    bytes = models.BigIntegerField()
+    storage_name = models.CharField(max_length=500)
+    created_at = models.DateTimeField(auto_now_add=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["team_id", "created_at"])]
+
+    def __str__(self) -> str:
+        return self.public_id
+
+
+class BatchStatus(models.TextChoices):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+class Batch(models.Model):
+    public_id = models.CharField(max_length=40, unique=True)  # "batch_…"
+    team_id = models.BigIntegerField()
+    key_id = models.BigIntegerField()
+    endpoint = models.CharField(max_length=64)  # "/v1/chat/completions"
+    completion_window = models.CharField(max_length=8, default="24h")
+    input_file = models.ForeignKey(StoredFile, on_delete=models.PROTECT, related_name="+")
+    output_file = models.ForeignKey(
+        StoredFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    error_file = models.ForeignKey(
+        StoredFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    status = models.CharField(max_length=16, choices=BatchStatus.choices)
+    # OpenAI's `errors.data`: validation problems, each {code, message, param, line}.
+    errors = models.JSONField(null=True, blank=True)
+    metadata = models.JSONField(null=True, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    completed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    in_progress_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+    finalizing_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    expired_at = models.DateTimeField(null=True, blank=True)
+    cancelling_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+    # Touched by the worker running the batch; a stale one means it died.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["team_id", "id"]),
+            models.Index(fields=["status", "heartbeat_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.public_id} ({self.status})"
+
+
+class BatchLineStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class BatchLine(models.Model):
+    """One request of a batch, and its result. Claimed by compare-and-set with a lease."""
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="lines")
+    line_no = models.PositiveIntegerField()  # 1-based line of the input file
+    custom_id = models.CharField(max_length=512)
+    body = models.JSONField()
+    # The ledger's request id for this line, derived from (batch, custom_id): a line run
+    # twice after a crash is billed once.
+    request_id = models.CharField(max_length=64)
+    status = models.CharField(
+        max_length=16, choices=BatchLineStatus.choices, default=BatchLineStatus.PENDING
+    )
+    claim_token = models.CharField(max_length=32, blank=True, default="")
+    lease_until = models.DateTimeField(null=True, blank=True)
+    # A line put back after a rate limit waits until then.
+    not_before = models.DateTimeField(null=True, blank=True)
+    tries = models.PositiveIntegerField(default=0)
+    # Claims that lapsed while running this line (its worker died); bounded, so a
+    # line that kills every worker that runs it fails instead of looping forever.
+    lapses = models.PositiveSmallIntegerField(default=0)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["batch", "line_no"]
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "custom_id"], name="batch_line_custom_id"),
+            models.UniqueConstraint(fields=["batch", "line_no"], name="batch_line_number"),
+        ]
+        indexes = [models.Index(fields=["batch", "status", "line_no"])]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id}:{self.custom_id} ({self.status})"

@@ -30,8 +30,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 
-from billing import admission
-from billing import spool
+from billing import admission, spool
 from billing.ledger import AttemptRecord
 from billing.models import LedgerStatus
 from billing.pricing import Usage, charged_cost_micro_usd, list_cost_micro_usd, micro_usd_to_str
@@ -73,6 +72,8 @@ class Call:
     charged_micro_usd: int = 0
     claim: idempotency.Claim | None = None
     cache_key: response_cache.CacheKey | None = None
+    # A line of a Batch API job (billed at the batch discount by its caller).
+    is_batch: bool = False
 
 
 def parse_json_body(request: HttpRequest) -> dict[str, Any]:
@@ -118,23 +119,19 @@ def model_not_allowed(model: str) -> GatewayError:
     )
 
 
-def _allowed(principal: KeyPrincipal, table: RoutingTable, name: str) -> bool:
-    return principal.may_use(name) or principal.may_use(table.resolve(name))
-
-
 def plan(
     principal: KeyPrincipal, table: RoutingTable, model: str, requested: tuple[str, ...] | None
 ) -> list[str]:
     """The models to try, in order: the requested one, then its fallbacks."""
     if not table.group(model):
         raise unknown_model(model)
-    if not _allowed(principal, table, model):
+    if not table.may_use(principal, model):
         raise model_not_allowed(model)
     if requested is not None:
         for name in requested:
             if not table.group(name):
                 raise unknown_model(name)
-            if not _allowed(principal, table, name):
+            if not table.may_use(principal, name):
                 raise model_not_allowed(name)
         fallbacks = list(requested)
     else:
@@ -142,7 +139,7 @@ def plan(
         fallbacks = [
             name
             for name in table.policy(model).fallbacks
-            if table.group(name) and _allowed(principal, table, name)
+            if table.group(name) and table.may_use(principal, name)
         ]
     return list(dict.fromkeys([model, *fallbacks]))
 
@@ -208,6 +205,7 @@ def _record(
         http_status=http_status,
         error_type=error_type,
         cache_hit=cache_hit,
+        is_batch=call.is_batch,
         stream=call.stream,
         latency_ms=int((time.monotonic() - call.started_mono) * 1000),
         ttft_ms=ttft_ms,
@@ -216,21 +214,45 @@ def _record(
     )
 
 
-_replay_checked_at = 0.0
 REPLAY_INTERVAL_SECONDS = 5.0
+_replayer: asyncio.Task[None] | None = None
+# Rows spooled by a process that died before replaying them are picked up by the
+# next process, on its first ledger write.
+_spool_checked_at_start = False
 
 
 async def _write(call: Call, record: AttemptRecord) -> None:
     """The attempt's ledger row, in Postgres or, while it is down, in the durable spool."""
+    global _spool_checked_at_start
     inserted = await run_db(spool.write_or_spool, [record])
     call.charged_micro_usd += record.charged_cost_micro_usd
-    global _replay_checked_at
-    now = time.monotonic()
-    if inserted and now - _replay_checked_at > REPLAY_INTERVAL_SECONDS:
-        # Postgres answers again: move anything spooled meanwhile into the ledger.
-        _replay_checked_at = now
-        if spool.pending():
-            _spawn(run_db(spool.replay))
+    if not inserted:
+        _start_replayer()
+    elif not _spool_checked_at_start:
+        _spool_checked_at_start = True
+        if await run_db(spool.pending):
+            _start_replayer()
+
+
+def _start_replayer() -> None:
+    """One background loop per process moves spooled rows into Postgres once it is back."""
+    global _replayer
+    if _replayer is None or _replayer.done():
+        _replayer = asyncio.get_running_loop().create_task(
+            _replay_until_empty(), context=contextvars.Context()
+        )
+
+
+async def _replay_until_empty() -> None:
+    while True:
+        await asyncio.sleep(REPLAY_INTERVAL_SECONDS)
+        try:
+            await run_db(spool.replay)
+        except Exception as exc:  # still down: try again next interval
+            logger.info("ledger spool replay deferred: %s", type(exc).__name__)
+            continue
+        if not await run_db(spool.pending):
+            return
 
 
 def _spawn(coro: Any) -> None:
@@ -347,7 +369,9 @@ def _kind(exc: upstream.UpstreamError) -> str:
 def _backoff(retry: int, exc: upstream.UpstreamError, base: float, cap: float) -> float | None:
     """Seconds to wait before retry number `retry` (0-based); None: don't wait, fall back."""
     if exc.retry_after is not None:
-        return exc.retry_after if exc.retry_after <= cap else None
+        # A hair past the provider's time: the deployment's cooldown (opened for
+        # exactly Retry-After) must have ended when the retry picks again.
+        return exc.retry_after + 0.05 if exc.retry_after <= cap else None
     # Exponential with full jitter around the nominal delay.
     return min(MAX_BACKOFF_SECONDS, base * (2**retry)) * random.uniform(0.5, 1.5)  # noqa: S311
 
@@ -514,7 +538,7 @@ async def _attempts(
 
 
 def _fallback_queue(call: Call, table: RoutingTable, names: tuple[str, ...]) -> list[str]:
-    return [n for n in names if table.group(n) and _allowed(call.principal, table, n)]
+    return [n for n in names if table.group(n) and table.may_use(call.principal, n)]
 
 
 def _too_long(call: Call, table: RoutingTable, group: str) -> bool:

@@ -12,7 +12,9 @@ from redis.exceptions import RedisError
 
 T = TypeVar("T")
 
-_clients: dict[int, aioredis.Redis] = {}
+# Keyed by the loop's id, holding the loop too: an id can be reused by a new loop
+# once an old one is gone, and a client must never outlive the loop it belongs to.
+_clients: dict[int, tuple[asyncio.AbstractEventLoop, aioredis.Redis]] = {}
 
 
 class RedisUnavailable(Exception):
@@ -20,18 +22,19 @@ class RedisUnavailable(Exception):
 
 
 def client() -> aioredis.Redis:
-    loop_id = id(asyncio.get_running_loop())
-    found = _clients.get(loop_id)
-    if found is None:
+    loop = asyncio.get_running_loop()
+    entry = _clients.get(id(loop))
+    if entry is None or entry[0] is not loop:
         timeout = settings.REDIS_TIMEOUT_SECONDS
-        found = aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             settings.REDIS_URL,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             max_connections=256,
         )
-        _clients[loop_id] = found
-    return found
+        entry = (loop, client)
+        _clients[id(loop)] = entry
+    return entry[1]
 
 
 async def guarded(call: Awaitable[T]) -> T:

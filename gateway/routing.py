@@ -18,6 +18,7 @@ import litellm
 from django.conf import settings
 
 from billing.pricing import ZERO, Prices, per_million_from_per_token
+from gateway.auth import KeyPrincipal
 from gateway.crypto import decrypt_secret
 from gateway.db import run_db
 from gateway.errors import GatewayError
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 litellm.telemetry = False
 litellm.suppress_debug_info = True
 litellm.drop_params = False
+# Anthropic Messages sent to an OpenAI-dialect model go through chat completions,
+# which every OpenAI-compatible server speaks and which honours stop sequences;
+# litellm's default (the Responses API) silently drops them.
+litellm.use_chat_completions_url_for_anthropic_messages = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,10 @@ class RoutingTable:
 
     def router(self, name: str) -> Any:
         return self.routers.get(self.resolve(name))
+
+    def may_use(self, principal: KeyPrincipal, name: str) -> bool:
+        """A key allowed a model may call it under its aliases too, and the reverse."""
+        return principal.may_use(name) or principal.may_use(self.resolve(name))
 
     def public_names(self) -> list[str]:
         names = set(self.groups) | {

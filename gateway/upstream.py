@@ -75,13 +75,15 @@ class StreamHandle:
 
 # --- the pooled HTTP client ---------------------------------------------------------
 
-_clients: dict[int, httpx.AsyncClient] = {}
+_clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
 
 
 def _client() -> httpx.AsyncClient:
-    # One pool per event loop: a client must not be shared across loops.
-    loop_id = id(asyncio.get_running_loop())
-    client = _clients.get(loop_id)
+    # One pool per event loop: a client must not be shared across loops (and an id
+    # may be reused by a later loop, so the loop itself is compared too).
+    loop = asyncio.get_running_loop()
+    entry = _clients.get(id(loop))
+    client = entry[1] if entry is not None and entry[0] is loop else None
     if client is None:
         client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
@@ -90,7 +92,7 @@ def _client() -> httpx.AsyncClient:
             follow_redirects=False,
             trust_env=False,
         )
-        _clients[loop_id] = client
+        _clients[id(loop)] = (loop, client)
     return client
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -138,6 +139,8 @@ def gateway_env(services_env: dict[str, str], **extra: str) -> dict[str, str]:
         "GATEWAY_CONFIG_POLL_SECONDS": "0",
         "GATEWAY_KEY_CACHE_SECONDS": "0.2",
         "GATEWAY_SECURE_COOKIES": "0",
+        # Never the repository's var/: a test's spooled rows must not leak into another.
+        "GATEWAY_LEDGER_SPOOL_DIR": tempfile.mkdtemp(prefix="gateway-spool-"),
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("GATEWAY_DEBUG", None)

@@ -16,7 +16,7 @@ def _read_chunks_then_hang_up(url: str, secret: str, model: str, chunks: int) ->
     with httpx.Client(timeout=30) as client, client.stream(
         "POST", f"{url}/chat/completions", json=body, headers={"authorization": f"Bearer {secret}"}
     ) as response:
-        assert response.status_code == 200
+        assert response.status_code == 200, response.read()
         request_id = response.headers["x-request-id"]
         seen = 0
         for line in response.iter_lines():

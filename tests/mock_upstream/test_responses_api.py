@@ -104,14 +104,20 @@ def oai(mock_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{mock_url}/v1", api_key="x", max_retries=0)
 
 
-@pytest.fixture(scope="session")
-def litellm() -> ModuleType:
+@pytest.fixture
+def litellm() -> Iterator[ModuleType]:
     # Never fetch the model cost map from the internet; set before litellm is first imported.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
     litellm.suppress_debug_info = True
-    return litellm
+    # These tests pin litellm's own default bridge (Anthropic Messages → the Responses
+    # API). The gateway switches it to chat completions when it is imported into the
+    # same process (gateway/routing.py), so restore the default around each test.
+    chat_bridge = litellm.use_chat_completions_url_for_anthropic_messages
+    litellm.use_chat_completions_url_for_anthropic_messages = False
+    yield litellm
+    litellm.use_chat_completions_url_for_anthropic_messages = chat_bridge
 
 
 def stats(mock_url: str) -> dict[str, Any]:

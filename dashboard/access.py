@@ -1,0 +1,241 @@
+"""Who the signed-in user is to the dashboard, and the getters that check it.
+
+Every view starts from a `Viewer`, loaded once per request (two small queries), and
+reaches objects only through the getters below. The rule for refusals: an object
+the viewer may not even see is a 404 (its existence is not revealed to other
+teams); an object they may see but not change is a 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Concatenate, ParamSpec
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q
+from django.http import Http404, HttpRequest, HttpResponse
+
+from dashboard.models import Membership, PlatformRole, StaffRole, TeamRole
+from gateway.models import Team, VirtualKey
+
+P = ParamSpec("P")
+
+
+@dataclass(frozen=True)
+class Viewer:
+    user_id: int
+    username: str
+    is_platform_admin: bool
+    is_finance: bool
+    # team id → "admin" | "member"
+    team_roles: dict[int, str] = field(default_factory=dict)
+
+    # --- platform-wide ---------------------------------------------------------------
+
+    @property
+    def sees_all_teams(self) -> bool:
+        return self.is_platform_admin or self.is_finance
+
+    @property
+    def role_label(self) -> str:
+        if self.is_platform_admin:
+            return "Platform admin"
+        if self.is_finance:
+            return "Finance"
+        if TeamRole.ADMIN in self.team_roles.values():
+            return "Team admin"
+        return "Member" if self.team_roles else "No team"
+
+    @property
+    def admin_team_ids(self) -> list[int]:
+        return sorted(t for t, role in self.team_roles.items() if role == TeamRole.ADMIN)
+
+    @property
+    def member_team_ids(self) -> list[int]:
+        return sorted(t for t, role in self.team_roles.items() if role == TeamRole.MEMBER)
+
+    @property
+    def can_manage_models(self) -> bool:
+        return self.is_platform_admin
+
+    @property
+    def can_view_models(self) -> bool:
+        # Finance reads prices; credentials are never shown to anyone.
+        return self.is_platform_admin or self.is_finance
+
+    @property
+    def can_manage_users(self) -> bool:
+        return self.is_platform_admin
+
+    @property
+    def can_create_teams(self) -> bool:
+        return self.is_platform_admin
+
+    @property
+    def can_view_audit(self) -> bool:
+        return self.sees_all_teams or bool(self.admin_team_ids)
+
+    @property
+    def can_issue_keys(self) -> bool:
+        return self.is_platform_admin or bool(self.team_roles)
+
+    # --- teams ---------------------------------------------------------------------------
+
+    def can_view_team(self, team_id: int) -> bool:
+        return self.sees_all_teams or team_id in self.team_roles
+
+    def can_view_team_details(self, team_id: int) -> bool:
+        """Settings and the member list: not for plain members."""
+        return self.sees_all_teams or self.team_roles.get(team_id) == TeamRole.ADMIN
+
+    def can_manage_members(self, team_id: int) -> bool:
+        return self.is_platform_admin or self.team_roles.get(team_id) == TeamRole.ADMIN
+
+    def can_configure_team(self, team_id: int) -> bool:
+        # Budget, period and markup decide what a team pays: platform admins only.
+        return self.is_platform_admin
+
+    def can_issue_keys_in(self, team_id: int) -> bool:
+        return self.is_platform_admin or team_id in self.team_roles
+
+    def can_set_key_limits_in(self, team_id: int) -> bool:
+        return self.is_platform_admin or self.team_roles.get(team_id) == TeamRole.ADMIN
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def can_view_key(self, key: VirtualKey) -> bool:
+        if self.sees_all_teams:
+            return True
+        role = self.team_roles.get(key.team_id)
+        return role == TeamRole.ADMIN or (role == TeamRole.MEMBER and key.owner_id == self.user_id)
+
+    def can_manage_key(self, key: VirtualKey) -> bool:
+        """Revoke and rotate: admins, and members for their own keys."""
+        if self.is_platform_admin:
+            return True
+        role = self.team_roles.get(key.team_id)
+        return role == TeamRole.ADMIN or (role == TeamRole.MEMBER and key.owner_id == self.user_id)
+
+    def can_set_key_limits(self, key: VirtualKey) -> bool:
+        return self.can_set_key_limits_in(key.team_id)
+
+    # --- row filters (None: everything) --------------------------------------------
+
+    def visible_team_ids(self) -> list[int] | None:
+        return None if self.sees_all_teams else sorted(self.team_roles)
+
+    def keys_q(self) -> Q | None:
+        """The keys this viewer may see, as a filter on VirtualKey."""
+        if self.sees_all_teams:
+            return None
+        return Q(team_id__in=self.admin_team_ids) | Q(
+            team_id__in=self.member_team_ids, owner_id=self.user_id
+        )
+
+    def ledger_q(self) -> Q | None:
+        """The ledger rows this viewer may see, as a filter on LedgerEntry."""
+        if self.sees_all_teams:
+            return None
+        q = Q(team_id__in=self.admin_team_ids)
+        if self.member_team_ids:
+            own = VirtualKey.objects.filter(
+                team_id__in=self.member_team_ids, owner_id=self.user_id
+            ).values("id")
+            q |= Q(key_id__in=own)
+        return q
+
+    def audit_q(self) -> Q | None:
+        if self.sees_all_teams:
+            return None
+        return Q(team_id__in=self.admin_team_ids)
+
+
+def load_viewer(user: AbstractBaseUser | AnonymousUser) -> Viewer:
+    assert isinstance(user, User)
+    roles = dict(Membership.objects.filter(user_id=user.id).values_list("team_id", "role"))
+    finance = StaffRole.objects.filter(user_id=user.id, role=PlatformRole.FINANCE).exists()
+    return Viewer(
+        user_id=user.id,
+        username=user.get_username(),
+        is_platform_admin=user.is_superuser,
+        is_finance=finance,
+        team_roles=roles,
+    )
+
+
+class DashboardRequest(HttpRequest):
+    """A request that went through `dashboard_view`: signed in, with its viewer."""
+
+    user: User
+    viewer: Viewer
+
+
+def dashboard_view(
+    view: Callable[Concatenate[DashboardRequest, P], HttpResponse],
+) -> Callable[Concatenate[HttpRequest, P], HttpResponse]:
+    """Sign-in required; attaches `request.viewer` for the getters and templates."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
+        if not request.user.is_authenticated or not request.user.is_active:
+            return redirect_to_login(request.get_full_path())
+        request.viewer = load_viewer(request.user)  # type: ignore[attr-defined]
+        return view(request, *args, **kwargs)  # type: ignore[arg-type]
+
+    return wrapper
+
+
+def require(allowed: bool) -> None:
+    if not allowed:
+        raise PermissionDenied
+
+
+# --- getters ---------------------------------------------------------------------------------
+
+
+def get_team_for_viewer(viewer: Viewer, team_id: int) -> Team:
+    team = Team.objects.filter(id=team_id).first()
+    if team is None or not viewer.can_view_team(team.id):
+        raise Http404("No such team.")
+    return team
+
+
+def get_team_for_details(viewer: Viewer, team_id: int) -> Team:
+    team = get_team_for_viewer(viewer, team_id)
+    require(viewer.can_view_team_details(team.id))
+    return team
+
+
+def get_team_for_members(viewer: Viewer, team_id: int) -> Team:
+    team = get_team_for_viewer(viewer, team_id)
+    require(viewer.can_manage_members(team.id))
+    return team
+
+
+def get_team_for_config(viewer: Viewer, team_id: int) -> Team:
+    team = get_team_for_viewer(viewer, team_id)
+    require(viewer.can_configure_team(team.id))
+    return team
+
+
+def get_key_for_viewer(viewer: Viewer, key_id: int) -> VirtualKey:
+    key = VirtualKey.objects.select_related("team", "owner").filter(id=key_id).first()
+    if key is None or not viewer.can_view_key(key):
+        raise Http404("No such key.")
+    return key
+
+
+def get_key_for_manager(viewer: Viewer, key_id: int) -> VirtualKey:
+    key = get_key_for_viewer(viewer, key_id)
+    require(viewer.can_manage_key(key))
+    return key
+
+
+def get_key_for_limits(viewer: Viewer, key_id: int) -> VirtualKey:
+    key = get_key_for_viewer(viewer, key_id)
+    require(viewer.can_set_key_limits(key))
+    return key

@@ -1,0 +1,574 @@
+"""Forms: parse and validate what people type, with messages that say what to change.
+
+Each form turns its cleaned data into the keyword arguments of a service
+(`to_fields`); money typed in USD becomes integer micro-USD here, once.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from django import forms
+from django.utils import timezone
+
+from dashboard.models import TeamRole
+from dashboard.services import PLATFORM_ROLES
+from gateway.models import BudgetPeriod, RoutingStrategy, Team, VirtualKey
+from gateway.services import money_to_micro
+
+MAX_USD = Decimal("1000000000")
+
+
+def usd_field(label: str, help_text: str = "") -> forms.DecimalField:
+    return forms.DecimalField(
+        label=label,
+        required=False,
+        min_value=Decimal(0),
+        max_value=MAX_USD,
+        decimal_places=6,
+        help_text=help_text,
+        widget=forms.NumberInput(attrs={"step": "0.01", "placeholder": "No limit"}),
+    )
+
+
+def limit_field(label: str, maximum: int = 10**12) -> forms.IntegerField:
+    return forms.IntegerField(
+        label=label,
+        required=False,
+        min_value=1,
+        max_value=maximum,
+        widget=forms.NumberInput(attrs={"placeholder": "No limit"}),
+    )
+
+
+def micro_to_usd(micro: int | None) -> Decimal | None:
+    return None if micro is None else (Decimal(micro) / 1_000_000).normalize()
+
+
+def parse_name_list(raw: str) -> list[str]:
+    return list(
+        dict.fromkeys(part.strip() for part in raw.replace("\n", ",").split(",") if part.strip())
+    )
+
+
+# --- teams ------------------------------------------------------------------------------------
+
+
+class TeamForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    budget_usd = usd_field("Budget (USD)", "Spend allowed per period. Empty: no budget.")
+    budget_period = forms.ChoiceField(choices=BudgetPeriod.choices, initial=BudgetPeriod.MONTHLY)
+    timezone = forms.CharField(
+        max_length=64,
+        initial="UTC",
+        help_text="IANA name, e.g. Europe/Paris. Periods start at local midnight.",
+    )
+    alert_thresholds = forms.CharField(
+        required=False,
+        label="Alert thresholds (%)",
+        help_text="Comma-separated percentages of the budget, e.g. 50, 80, 100.",
+    )
+    markup_percent = forms.DecimalField(
+        label="Markup (%)",
+        initial=Decimal(0),
+        min_value=Decimal(-100),
+        max_value=Decimal(1000),
+        decimal_places=3,
+        help_text="Added to list prices; negative for a discount.",
+    )
+    rpm_limit = limit_field("Requests per minute")
+    tpm_limit = limit_field("Tokens per minute")
+
+    @classmethod
+    def initial_for(cls, team: Team) -> dict[str, Any]:
+        return {
+            "name": team.name,
+            "budget_usd": micro_to_usd(team.budget_micro_usd),
+            "budget_period": team.budget_period,
+            "timezone": team.timezone,
+            "alert_thresholds": ", ".join(str(t) for t in team.alert_thresholds or []),
+            "markup_percent": team.markup_percent,
+            "rpm_limit": team.rpm_limit,
+            "tpm_limit": team.tpm_limit,
+        }
+
+    def clean_name(self) -> str:
+        name = str(self.cleaned_data["name"]).strip()
+        if not name:
+            raise forms.ValidationError("Give the team a name.")
+        return name
+
+    def clean_timezone(self) -> str:
+        value = str(self.cleaned_data["timezone"]).strip()
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise forms.ValidationError(
+                f"'{value}' is not a timezone name; use one like Europe/Paris or UTC."
+            ) from None
+        return value
+
+    def clean_alert_thresholds(self) -> list[int]:
+        values = []
+        for part in parse_name_list(self.cleaned_data["alert_thresholds"] or ""):
+            try:
+                value = int(part.rstrip("%"))
+            except ValueError:
+                raise forms.ValidationError(f"'{part}' is not a whole percentage.") from None
+            if not 1 <= value <= 1000:
+                raise forms.ValidationError("Each threshold must be between 1 and 1000 percent.")
+            values.append(value)
+        return sorted(set(values))
+
+    def to_fields(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {
+            "name": data["name"],
+            "budget_micro_usd": money_to_micro(data["budget_usd"]),
+            "budget_period": data["budget_period"],
+            "timezone": data["timezone"],
+            "alert_thresholds": data["alert_thresholds"],
+            "markup_percent": data["markup_percent"],
+            "rpm_limit": data["rpm_limit"],
+            "tpm_limit": data["tpm_limit"],
+        }
+
+
+class MemberAddForm(forms.Form):
+    username = forms.CharField(max_length=150, label="Username")
+    role = forms.ChoiceField(choices=TeamRole.choices, initial=TeamRole.MEMBER)
+
+
+class MemberRoleForm(forms.Form):
+    role = forms.ChoiceField(choices=TeamRole.choices)
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+class KeyLimitsMixin(forms.Form):
+    allowed_models = forms.MultipleChoiceField(
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None ticked: every model.",
+    )
+    expires_at = forms.DateTimeField(
+        required=False,
+        label="Expires",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d"],
+        help_text="Empty: never (UTC).",
+    )
+    max_budget_usd = usd_field("Budget (USD)", "Spend allowed per period. Empty: no key budget.")
+    budget_period = forms.ChoiceField(choices=BudgetPeriod.choices, initial=BudgetPeriod.MONTHLY)
+    rpm_limit = limit_field("Requests per minute")
+    tpm_limit = limit_field("Tokens per minute")
+
+    LIMIT_FIELDS = ("allowed_models", "max_budget_usd", "budget_period", "rpm_limit", "tpm_limit")
+
+    def setup(self, *, models: list[str], can_set_limits: bool) -> None:
+        field = self.fields["allowed_models"]
+        assert isinstance(field, forms.MultipleChoiceField)
+        # Models no longer configured stay listed so that saving does not drop them silently.
+        current = list(self.initial.get("allowed_models") or [])
+        field.choices = [(m, m) for m in sorted(set(models) | set(current))]
+        if not can_set_limits:
+            for name in self.LIMIT_FIELDS:
+                del self.fields[name]
+
+    def clean_expires_at(self) -> datetime | None:
+        value = self.cleaned_data.get("expires_at")
+        if value is not None and value <= timezone.now():
+            raise forms.ValidationError("Pick a time in the future, or leave it empty.")
+        return value
+
+    def limit_fields(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        fields: dict[str, Any] = {"expires_at": data.get("expires_at")}
+        if "allowed_models" in self.fields:
+            fields.update(
+                allowed_models=list(data["allowed_models"]),
+                max_budget_micro_usd=money_to_micro(data["max_budget_usd"]),
+                budget_period=data["budget_period"],
+                rpm_limit=data["rpm_limit"],
+                tpm_limit=data["tpm_limit"],
+            )
+        return fields
+
+
+class KeyIssueForm(KeyLimitsMixin):
+    name = forms.CharField(max_length=200, help_text="What uses it, e.g. 'billing-service prod'.")
+    team = forms.ModelChoiceField(queryset=Team.objects.none(), empty_label=None)
+
+    field_order = ["name", "team"]
+
+    def clean_name(self) -> str:
+        name = str(self.cleaned_data["name"]).strip()
+        if not name:
+            raise forms.ValidationError("Give the key a name.")
+        return name
+
+
+class KeyEditForm(KeyLimitsMixin):
+    name = forms.CharField(max_length=200)
+
+    field_order = ["name"]
+
+    @classmethod
+    def initial_for(cls, key: VirtualKey) -> dict[str, Any]:
+        return {
+            "name": key.name,
+            "allowed_models": list(key.allowed_models or []),
+            "expires_at": key.expires_at,
+            "max_budget_usd": micro_to_usd(key.max_budget_micro_usd),
+            "budget_period": key.budget_period,
+            "rpm_limit": key.rpm_limit,
+            "tpm_limit": key.tpm_limit,
+        }
+
+    def clean_expires_at(self) -> datetime | None:
+        value = self.cleaned_data.get("expires_at")
+        if (
+            value is not None
+            and value <= timezone.now()
+            and value != self.initial.get("expires_at")
+        ):
+            raise forms.ValidationError("Pick a time in the future, or leave it empty.")
+        return value
+
+
+GRACE_CHOICES = [
+    ("0", "Immediately: the old secret stops working now"),
+    ("3600", "After 1 hour"),
+    ("86400", "After 24 hours"),
+    ("604800", "After 7 days"),
+]
+
+
+class RotateForm(forms.Form):
+    grace_seconds = forms.TypedChoiceField(
+        choices=GRACE_CHOICES, coerce=int, initial="3600", label="Old secret keeps working"
+    )
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+_PRICE_HELP = "USD per 1M tokens. Empty: litellm's price list."
+
+
+def price_field(label: str) -> forms.DecimalField:
+    return forms.DecimalField(
+        label=label,
+        required=False,
+        min_value=Decimal(0),
+        max_digits=14,
+        decimal_places=6,
+        help_text=_PRICE_HELP,
+        widget=forms.NumberInput(attrs={"step": "0.000001", "placeholder": "From price list"}),
+    )
+
+
+class DeploymentForm(forms.Form):
+    name = forms.CharField(
+        max_length=200, help_text="The public model name clients send, e.g. gpt-4o-mini."
+    )
+    provider_model = forms.CharField(
+        max_length=300, help_text="provider/model, e.g. openai/gpt-4o-mini or anthropic/claude-…"
+    )
+    api_base = forms.CharField(
+        max_length=500, required=False, label="API base URL", help_text="Empty: provider default."
+    )
+    api_key = forms.CharField(
+        max_length=4000,
+        required=False,
+        label="Provider API key",
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+    )
+    clear_api_key = forms.BooleanField(required=False, label="Remove the saved key")
+    api_version = forms.CharField(max_length=64, required=False, label="API version")
+    input_cost_per_million = price_field("Input price")
+    output_cost_per_million = price_field("Output price")
+    cached_input_cost_per_million = price_field("Cached input price")
+    cache_write_cost_per_million = price_field("Cache write price")
+    reasoning_cost_per_million = price_field("Reasoning price")
+    context_length = limit_field("Context length (tokens)", 10**8)
+    max_output_tokens = limit_field("Max output tokens", 10**8)
+    rpm_limit = limit_field("Requests per minute")
+    tpm_limit = limit_field("Tokens per minute")
+    weight = forms.IntegerField(min_value=0, max_value=10**6, initial=1)
+    priority = forms.IntegerField(required=False, min_value=0, max_value=10**6)
+    timeout_seconds = forms.FloatField(
+        required=False, min_value=0.1, max_value=3600, label="Timeout (s)"
+    )
+    drop_unsupported_params = forms.BooleanField(
+        required=False, label="Drop parameters the provider does not support"
+    )
+    enabled = forms.BooleanField(required=False, initial=True)
+
+    MODEL_FIELDS = (
+        "name",
+        "provider_model",
+        "api_base",
+        "api_version",
+        "input_cost_per_million",
+        "output_cost_per_million",
+        "cached_input_cost_per_million",
+        "cache_write_cost_per_million",
+        "reasoning_cost_per_million",
+        "context_length",
+        "max_output_tokens",
+        "rpm_limit",
+        "tpm_limit",
+        "weight",
+        "priority",
+        "timeout_seconds",
+        "drop_unsupported_params",
+        "enabled",
+    )
+
+    def __init__(self, *args: Any, has_api_key: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.has_api_key = has_api_key
+        key = self.fields["api_key"]
+        key.help_text = (
+            "A key is saved. Type a new one to replace it; it is never shown again."
+            if has_api_key
+            else "Stored encrypted and never shown again."
+        )
+        if not has_api_key:
+            del self.fields["clear_api_key"]
+
+    @classmethod
+    def initial_for(cls, deployment: Any) -> dict[str, Any]:
+        return {name: getattr(deployment, name) for name in cls.MODEL_FIELDS}
+
+    def clean_provider_model(self) -> str:
+        from gateway.routing import split_provider
+
+        value = str(self.cleaned_data["provider_model"]).strip()
+        try:
+            split_provider(value)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return value
+
+    def clean_api_base(self) -> str:
+        value = str(self.cleaned_data["api_base"] or "").strip()
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise forms.ValidationError(
+                    "Use an http(s) URL such as https://api.openai.com/v1, or leave it empty."
+                )
+        return value
+
+    def to_fields(self, *, creating: bool) -> dict[str, Any]:
+        data = self.cleaned_data
+        fields = {name: data[name] for name in self.MODEL_FIELDS}
+        fields["weight"] = data["weight"] if data["weight"] is not None else 1
+        if data.get("api_key"):
+            fields["api_key"] = data["api_key"]
+        elif data.get("clear_api_key"):
+            fields["api_key"] = ""
+        if creating:
+            fields = {k: v for k, v in fields.items() if v is not None}
+        return fields
+
+
+class GroupForm(forms.Form):
+    routing_strategy = forms.ChoiceField(choices=RoutingStrategy.choices)
+    fallbacks = forms.CharField(
+        required=False,
+        help_text="Models tried in order when this one fails, comma-separated.",
+    )
+    context_window_fallbacks = forms.CharField(
+        required=False, help_text="Tried when the prompt is too long for this model."
+    )
+    content_policy_fallbacks = forms.CharField(
+        required=False, help_text="Tried when the provider refuses the content."
+    )
+    num_retries = forms.IntegerField(min_value=0, max_value=10, initial=2)
+    retry_backoff_seconds = forms.FloatField(min_value=0, max_value=60, initial=0.5)
+    max_retry_after_seconds = forms.FloatField(min_value=0, max_value=600, initial=10)
+    allowed_fails = forms.IntegerField(
+        min_value=1, max_value=1000, initial=3, help_text="Failures in a row that open the circuit."
+    )
+    cooldown_seconds = forms.FloatField(min_value=0, max_value=3600, initial=10)
+
+    LIST_FIELDS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+
+    def __init__(self, *args: Any, model: str, known: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model = model
+        self.known = set(known)
+
+    @classmethod
+    def initial_for(cls, group: Any) -> dict[str, Any]:
+        if group is None:
+            return {}
+        data = {
+            name: getattr(group, name)
+            for name in (
+                "routing_strategy",
+                "num_retries",
+                "retry_backoff_seconds",
+                "max_retry_after_seconds",
+                "allowed_fails",
+                "cooldown_seconds",
+            )
+        }
+        for name in cls.LIST_FIELDS:
+            data[name] = ", ".join(getattr(group, name) or [])
+        return data
+
+    def _names(self, field: str) -> list[str]:
+        names = parse_name_list(self.cleaned_data.get(field) or "")
+        for name in names:
+            if name == self.model:
+                raise forms.ValidationError(f"A model cannot fall back to itself ('{name}').")
+            if name not in self.known:
+                raise forms.ValidationError(f"'{name}' is not a configured model; add it first.")
+        return names
+
+    def clean_fallbacks(self) -> list[str]:
+        return self._names("fallbacks")
+
+    def clean_context_window_fallbacks(self) -> list[str]:
+        return self._names("context_window_fallbacks")
+
+    def clean_content_policy_fallbacks(self) -> list[str]:
+        return self._names("content_policy_fallbacks")
+
+
+class AliasForm(forms.Form):
+    alias = forms.CharField(max_length=200, help_text="A new public name, e.g. gpt-4.")
+    target = forms.ChoiceField(choices=[], help_text="The model it serves.")
+
+    def __init__(self, *args: Any, targets: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["target"]
+        assert isinstance(field, forms.ChoiceField)
+        field.choices = [(t, t) for t in targets]
+
+
+# --- users ----------------------------------------------------------------------------------------
+
+
+class UserCreateForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    email = forms.EmailField(required=False)
+    password = forms.CharField(
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="At least 8 characters, not a common password.",
+    )
+    platform_role = forms.ChoiceField(choices=list(PLATFORM_ROLES.items()), required=False)
+
+
+class PlatformRoleForm(forms.Form):
+    platform_role = forms.ChoiceField(choices=list(PLATFORM_ROLES.items()), required=False)
+
+
+# --- filters (GET) -------------------------------------------------------------------------------
+
+RANGE_CHOICES = [
+    ("period", "This period"),
+    ("7d", "Last 7 days"),
+    ("30d", "Last 30 days"),
+    ("90d", "Last 90 days"),
+]
+MAX_RANGE_DAYS = 366
+
+
+class OverviewFilter(forms.Form):
+    team = forms.TypedChoiceField(
+        coerce=int,
+        required=False,
+        empty_value=None,
+        widget=forms.Select(attrs={"data-autosubmit": "", "aria-label": "Team"}),
+    )
+    range = forms.ChoiceField(choices=RANGE_CHOICES, required=False)
+
+    def __init__(self, *args: Any, teams: list[tuple[int, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["team"]
+        assert isinstance(field, forms.TypedChoiceField)
+        field.choices = [("", "All teams"), *teams]
+
+
+class UsageFilter(forms.Form):
+    team = forms.TypedChoiceField(coerce=int, required=False, empty_value=None)
+    key = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
+    model = forms.CharField(required=False, max_length=200)
+    tag = forms.CharField(required=False, max_length=200)
+    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    group_by = forms.ChoiceField(
+        required=False,
+        choices=[("", "Nothing"), ("model", "Model"), ("team", "Team"), ("key", "Key")],
+    )
+
+    def __init__(self, *args: Any, teams: list[tuple[int, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["team"]
+        assert isinstance(field, forms.TypedChoiceField)
+        field.choices = [("", "All teams"), *teams]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        since: date | None = data.get("since")
+        until: date | None = data.get("until")
+        if since and until:
+            if since > until:
+                self.add_error("until", "The end date is before the start date.")
+            elif until - since > timedelta(days=MAX_RANGE_DAYS):
+                self.add_error("since", f"Pick a range of at most {MAX_RANGE_DAYS} days.")
+        return data
+
+
+class RequestLogFilter(forms.Form):
+    status = forms.ChoiceField(
+        required=False,
+        choices=[
+            ("", "Any status"),
+            ("success", "Success"),
+            ("error", "Error"),
+            ("partial", "Partial"),
+            ("client_disconnected", "Client disconnected"),
+        ],
+    )
+    model = forms.CharField(required=False, max_length=200)
+    team = forms.TypedChoiceField(coerce=int, required=False, empty_value=None)
+    key = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
+
+    def __init__(self, *args: Any, teams: list[tuple[int, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["team"]
+        assert isinstance(field, forms.TypedChoiceField)
+        field.choices = [("", "All teams"), *teams]
+
+
+class AuditFilterForm(forms.Form):
+    object_type = forms.ChoiceField(
+        required=False,
+        choices=[
+            ("", "Everything"),
+            ("team", "Teams"),
+            ("virtualkey", "Keys"),
+            ("membership", "Members"),
+            ("modeldeployment", "Model deployments"),
+            ("modelgroup", "Routing policies"),
+            ("modelalias", "Aliases"),
+        ],
+    )
+    team = forms.TypedChoiceField(coerce=int, required=False, empty_value=None)
+
+    def __init__(self, *args: Any, teams: list[tuple[int, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["team"]
+        assert isinstance(field, forms.TypedChoiceField)
+        field.choices = [("", "All teams"), *teams]

@@ -1,0 +1,75 @@
+"""The dashboard's pages, mounted at the site root (after /v1, /api and /health)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.contrib.auth import views as auth_views
+from django.urls import path, re_path
+from django.views.static import serve
+
+from dashboard.views import audit, keys, models, overview, teams, usage, users
+
+app_name = "dashboard"
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+urlpatterns = [
+    path(
+        "login/",
+        auth_views.LoginView.as_view(
+            template_name="dashboard/login.html",
+            redirect_authenticated_user=True,
+            next_page="/overview/",
+        ),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(next_page="/login/"), name="logout"),
+    # "/" itself belongs to the API (django-ninja registers its root there first).
+    path("overview/", overview.overview, name="overview"),
+    # teams
+    path("teams/", teams.team_list, name="teams"),
+    path("teams/new/", teams.team_create, name="team-create"),
+    path("teams/<int:team_id>/", teams.team_detail, name="team"),
+    path("teams/<int:team_id>/edit/", teams.team_edit, name="team-edit"),
+    path("teams/<int:team_id>/members/add/", teams.member_add, name="member-add"),
+    path(
+        "teams/<int:team_id>/members/<int:membership_id>/role/",
+        teams.member_role,
+        name="member-role",
+    ),
+    path(
+        "teams/<int:team_id>/members/<int:membership_id>/remove/",
+        teams.member_remove,
+        name="member-remove",
+    ),
+    # keys
+    path("keys/", keys.key_list, name="keys"),
+    path("keys/new/", keys.key_issue, name="key-issue"),
+    path("keys/<int:key_id>/", keys.key_detail, name="key"),
+    path("keys/<int:key_id>/edit/", keys.key_edit, name="key-edit"),
+    path("keys/<int:key_id>/revoke/", keys.key_revoke, name="key-revoke"),
+    path("keys/<int:key_id>/rotate/", keys.key_rotate, name="key-rotate"),
+    # models
+    path("models/", models.model_list, name="models"),
+    path("models/new/", models.deployment_create, name="deployment-create"),
+    path("models/<uuid:public_id>/", models.deployment_edit, name="deployment"),
+    path("models/<uuid:public_id>/delete/", models.deployment_delete, name="deployment-delete"),
+    path("models/<uuid:public_id>/test/", models.deployment_test, name="deployment-test"),
+    path("models/aliases/new/", models.alias_create, name="alias-create"),
+    path("models/aliases/<int:alias_id>/delete/", models.alias_delete, name="alias-delete"),
+    path("models/policy/<str:name>/", models.group_edit, name="group"),
+    path("models/policy/<str:name>/delete/", models.group_delete, name="group-delete"),
+    # usage and requests
+    path("usage/", usage.usage, name="usage"),
+    path("usage/export.csv", usage.usage_csv, name="usage-csv"),
+    path("requests/", usage.request_list, name="requests"),
+    path("requests/<int:row_id>/", usage.request_detail, name="request"),
+    # audit and people
+    path("audit/", audit.audit_log, name="audit"),
+    path("users/", users.user_list, name="users"),
+    path("users/<int:user_id>/role/", users.user_role, name="user-role"),
+    # The gateway runs under uvicorn with no static file server in front; these few
+    # files (CSS, the copy button) are served from the app itself.
+    re_path(r"^static/(?P<path>.+)$", serve, {"document_root": STATIC_DIR}, name="static"),
+]

@@ -1,0 +1,87 @@
+"""What every dashboard view shares: rendering with the navigation, team choices, windows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.core.exceptions import ValidationError
+from django.http import HttpResponse
+from django.shortcuts import render
+from django.utils import timezone
+
+from dashboard import selectors
+from dashboard.access import DashboardRequest, Viewer
+from dashboard.selectors import Window
+from dashboard.services import DashboardError
+from gateway.errors import GatewayError
+from gateway.models import Team
+
+
+def page(
+    request: DashboardRequest,
+    template: str,
+    context: dict[str, Any],
+    *,
+    section: str,
+    status: int = 200,
+) -> HttpResponse:
+    return render(
+        request,
+        template,
+        {"viewer": request.viewer, "section": section, "now": timezone.now(), **context},
+        status=status,
+    )
+
+
+def team_options(viewer: Viewer) -> list[Team]:
+    """The teams a viewer can pick in filters (small: names and periods only)."""
+    return list(
+        selectors.visible_teams(viewer).only("id", "name", "budget_period", "timezone")[:500]
+    )
+
+
+def choices(teams: list[Team]) -> list[tuple[int, str]]:
+    return [(team.id, team.name) for team in teams]
+
+
+def default_window(team: Team | None, teams: list[Team], range_name: str = "period") -> Window:
+    """This period: the selected (or only) team's budget period, else the UTC month."""
+    anchor = team or (teams[0] if len(teams) == 1 else None)
+    tz_name = anchor.timezone if anchor else "UTC"
+    if range_name in ("7d", "30d", "90d"):
+        return selectors.trailing_window(int(range_name[:-1]), tz_name)
+    if anchor is not None:
+        return selectors.period_window(anchor.budget_period, anchor.timezone)
+    return selectors.period_window("monthly", "UTC")
+
+
+# Model field → form field, where a form takes USD and the model stores micro-USD.
+_FORM_FIELDS = {"budget_micro_usd": "budget_usd", "max_budget_micro_usd": "max_budget_usd"}
+
+
+def form_error(form: forms.Form, exc: Exception) -> None:
+    """Show a service's refusal on the form, next to the field it names when it does."""
+    if isinstance(exc, ValidationError) and hasattr(exc, "error_dict"):
+        for field, errors in exc.error_dict.items():
+            name = _FORM_FIELDS.get(field, field)
+            target = name if name in form.fields else None
+            for error in errors:
+                form.add_error(target, error.messages)
+        return
+    if isinstance(exc, GatewayError):
+        param = exc.param if exc.param in form.fields else None
+        form.add_error(param, exc.message)
+        return
+    if isinstance(exc, DashboardError):
+        form.add_error(exc.field if exc.field in form.fields else None, exc.message)
+        return
+    if isinstance(exc, ValidationError):
+        form.add_error(None, exc.messages)
+        return
+    raise exc
+
+
+def posted(request: DashboardRequest) -> Any:
+    """The form data of a POST (even an empty one, which must fail validation), else None."""
+    return request.POST if request.method == "POST" else None

@@ -1,0 +1,210 @@
+"""Virtual keys: issue (the secret is shown once), limits, rotation and revocation."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.core.exceptions import ValidationError
+from django.http import HttpResponse
+from django.shortcuts import redirect
+from django.utils.cache import add_never_cache_headers
+from django.views.decorators.http import require_http_methods, require_POST
+
+from dashboard import selectors
+from dashboard.access import (
+    DashboardRequest,
+    dashboard_view,
+    get_key_for_limits,
+    get_key_for_manager,
+    get_key_for_viewer,
+    require,
+)
+from dashboard.forms import KeyEditForm, KeyIssueForm, RotateForm
+from dashboard.selectors import KeyFilter
+from dashboard.views.common import form_error, page, posted
+from gateway import services as gateway_services
+from gateway.errors import GatewayError
+from gateway.models import Team, VirtualKey
+from gateway.services import IssuedKey
+
+STATUSES = [("active", "Active"), ("revoked", "Revoked"), ("all", "All")]
+
+
+@require_http_methods(["GET"])
+@dashboard_view
+def key_list(request: DashboardRequest) -> HttpResponse:
+    viewer = request.viewer
+    status = request.GET.get("status", "active")
+    status = status if status in dict(STATUSES) else "active"
+    try:
+        team_id = int(request.GET["team"]) if request.GET.get("team") else None
+    except ValueError:
+        team_id = None
+    search = request.GET.get("q", "").strip()[:200]
+    keys = selectors.keys_for(viewer, KeyFilter(team_id=team_id, status=status, search=search))
+    keys_page = selectors.paginate(keys, request.GET.get("page"))
+    return page(
+        request,
+        "dashboard/keys/list.html",
+        {
+            "page_obj": keys_page,
+            "rows": selectors.key_rows(list(keys_page.object_list)),
+            "statuses": STATUSES,
+            "status": status,
+            "search": search,
+            "team_id": team_id,
+        },
+        section="keys",
+    )
+
+
+def _issuable_teams(request: DashboardRequest) -> list[Team]:
+    viewer = request.viewer
+    teams = (
+        Team.objects.all()
+        if viewer.is_platform_admin
+        else Team.objects.filter(id__in=list(viewer.team_roles))
+    )
+    return list(teams.order_by("name")[:500])
+
+
+@require_http_methods(["GET", "POST"])
+@dashboard_view
+def key_issue(request: DashboardRequest) -> HttpResponse:
+    viewer = request.viewer
+    require(viewer.can_issue_keys)
+    teams = _issuable_teams(request)
+    initial_team = request.GET.get("team")
+    form = KeyIssueForm(posted(request), initial={"team": initial_team})
+    team_field = form.fields["team"]
+    team_field.queryset = Team.objects.filter(id__in=[t.id for t in teams])  # type: ignore[attr-defined]
+    # Limits are for team admins; a member's key lives within the team's limits.
+    can_set_limits = any(viewer.can_set_key_limits_in(t.id) for t in teams)
+    form.setup(models=selectors.model_names(), can_set_limits=can_set_limits)
+    if request.method == "POST" and form.is_valid():
+        team = form.cleaned_data["team"]
+        fields = form.limit_fields()
+        if not viewer.can_set_key_limits_in(team.id):
+            fields = {"expires_at": fields.get("expires_at")}
+        try:
+            issued = gateway_services.key_create(
+                team=team,
+                name=form.cleaned_data["name"],
+                owner=request.user,
+                actor=request.user.username,
+                **fields,
+            )
+        except (GatewayError, ValidationError) as exc:
+            form_error(form, exc)
+        else:
+            return _secret_page(request, issued, created=True)
+    return page(
+        request,
+        "dashboard/keys/issue.html",
+        {"form": form},
+        section="keys",
+        status=400 if form.is_bound else 200,
+    )
+
+
+def _secret_page(request: DashboardRequest, issued: IssuedKey, *, created: bool) -> HttpResponse:
+    """The one time the secret is shown: rendered into this response, stored nowhere."""
+    base = request.build_absolute_uri("/").rstrip("/")
+    response = page(
+        request,
+        "dashboard/keys/secret.html",
+        {
+            "key": issued.key,
+            "secret": issued.secret,
+            "created": created,
+            "openai_base_url": f"{base}/v1",
+            "anthropic_base_url": base,
+            "example_model": (
+                issued.key.allowed_models or selectors.model_names() or ["gpt-4o-mini"]
+            )[0],
+        },
+        section="keys",
+        status=201 if created else 200,
+    )
+    add_never_cache_headers(response)
+    return response
+
+
+@require_http_methods(["GET"])
+@dashboard_view
+def key_detail(request: DashboardRequest, key_id: int) -> HttpResponse:
+    viewer = request.viewer
+    key = get_key_for_viewer(viewer, key_id)
+    annotated = (
+        selectors.with_key_hints(VirtualKey.objects.filter(id=key.id))
+        .select_related("team", "owner")
+        .get()
+    )
+    row = selectors.key_rows([annotated])[0]
+    return page(
+        request,
+        "dashboard/keys/detail.html",
+        {
+            "key": annotated,
+            "row": row,
+            "secrets": selectors.key_secrets(key),
+            "rotate_form": RotateForm(),
+            "can_manage": viewer.can_manage_key(key),
+            "can_set_limits": viewer.can_set_key_limits(key),
+        },
+        section="keys",
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@dashboard_view
+def key_edit(request: DashboardRequest, key_id: int) -> HttpResponse:
+    key = get_key_for_limits(request.viewer, key_id)
+    require(key.revoked_at is None)
+    form = KeyEditForm(posted(request), initial=KeyEditForm.initial_for(key))
+    form.setup(models=selectors.model_names(), can_set_limits=True)
+    if request.method == "POST" and form.is_valid():
+        fields = {"name": form.cleaned_data["name"], **form.limit_fields()}
+        changed = {k: v for k, v in fields.items() if getattr(key, k) != v}
+        try:
+            if changed:
+                gateway_services.key_update(key=key, actor=request.user.username, **changed)
+        except (GatewayError, ValidationError) as exc:
+            key.refresh_from_db()
+            form_error(form, exc)
+        else:
+            messages.success(request, "Key settings saved." if changed else "Nothing changed.")
+            return redirect("dashboard:key", key_id=key.id)
+    return page(
+        request,
+        "dashboard/keys/edit.html",
+        {"form": form, "key": key},
+        section="keys",
+        status=400 if form.is_bound else 200,
+    )
+
+
+@require_POST
+@dashboard_view
+def key_revoke(request: DashboardRequest, key_id: int) -> HttpResponse:
+    key = get_key_for_manager(request.viewer, key_id)
+    gateway_services.key_revoke(key=key, actor=request.user.username)
+    messages.success(request, f"Key “{key.name}” revoked. Calls with it are refused from now on.")
+    return redirect("dashboard:key", key_id=key.id)
+
+
+@require_POST
+@dashboard_view
+def key_rotate(request: DashboardRequest, key_id: int) -> HttpResponse:
+    key = get_key_for_manager(request.viewer, key_id)
+    form = RotateForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Pick how long the old secret keeps working.")
+        return redirect("dashboard:key", key_id=key.id)
+    try:
+        issued = gateway_services.key_rotate(
+            key=key, grace_seconds=form.cleaned_data["grace_seconds"], actor=request.user.username
+        )
+    except GatewayError as exc:
+        messages.error(request, exc.message)
+        return redirect("dashboard:key", key_id=key.id)
+    return _secret_page(request, issued, created=False)

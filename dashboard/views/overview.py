@@ -1,0 +1,101 @@
+"""The overview: this period's spend against budgets, traffic, errors, latency, top users."""
+
+from __future__ import annotations
+
+from django.http import HttpResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+
+from dashboard import charts, selectors
+from dashboard.access import DashboardRequest, dashboard_view
+from dashboard.formatting import usd_axis
+from dashboard.forms import OverviewFilter
+from dashboard.selectors import KeyFilter, LedgerScope
+from dashboard.views.common import choices, default_window, page, team_options
+from gateway.models import Team
+
+BUDGETS_PER_PAGE = 6
+
+
+@require_GET
+@dashboard_view
+def overview(request: DashboardRequest) -> HttpResponse:
+    viewer = request.viewer
+    teams = team_options(viewer)
+    form = OverviewFilter(request.GET, teams=choices(teams))
+    form.is_valid()
+    team_id = form.cleaned_data.get("team") if "team" not in form.errors else None
+    team = next((t for t in teams if t.id == team_id), None)
+    range_name = form.cleaned_data.get("range") or "period"
+    window = default_window(team, teams, range_name)
+    scope = LedgerScope(viewer_q=viewer.ledger_q(), window=window, team_id=team_id)
+    data = selectors.usage_overview(scope)
+
+    labels = [f"{day:%d %b}" for day in data.days]
+    chart = charts.stacked_bars(
+        labels,
+        {model: [float(v) for v in values] for model, values in data.spend_by_model.items()},
+        fmt=usd_axis,
+        title="Spend per day by model",
+        height=340,
+    )
+    # Trends up to today: days still ahead in the period would read as a collapse.
+    today = timezone.now().astimezone(window.tz).date()
+    shown = sum(1 for day in data.days if day <= today)
+    spend_by_day = [sum(v[i] for v in data.spend_by_model.values()) for i in range(shown)]
+    errors = [
+        e / r if r else 0.0
+        for e, r in zip(data.errors_by_day[:shown], data.requests_by_day[:shown], strict=True)
+    ]
+    sparks = {
+        "spend": charts.sparkline(spend_by_day, title="Spend per day"),
+        "requests": charts.sparkline(
+            data.requests_by_day[:shown], title="Requests per day", color=charts.PALETTE[1]
+        ),
+        "errors": charts.sparkline(errors, title="Error rate per day", color=charts.PALETTE[4]),
+    }
+
+    # Budgets: per team for those who run teams; per own key for plain members.
+    budgets_page = None
+    budgets: list[selectors.TeamBudget] = []
+    key_budgets: list[selectors.KeyRow] | None = None
+    if team is not None and viewer.can_view_team_details(team.id):
+        budget_teams = Team.objects.filter(id=team.id)
+    elif team is None and (viewer.sees_all_teams or viewer.admin_team_ids):
+        budget_teams = (
+            selectors.visible_teams(viewer).filter(id__in=viewer.admin_team_ids)
+            if not viewer.sees_all_teams
+            else Team.objects.all()
+        )
+    else:
+        budget_teams = None
+    if budget_teams is not None:
+        budgets_page = selectors.paginate(
+            budget_teams.order_by("name"), request.GET.get("bpage"), BUDGETS_PER_PAGE
+        )
+        # Budget rows are teams whose every ledger row this viewer sees, so the
+        # overview's per-team sums are their spend whenever the window is their period.
+        budgets = selectors.team_budgets(
+            list(budgets_page.object_list), known=window, spent_in_known=data.spend_by_team
+        )
+    else:
+        keys = selectors.keys_for(viewer, KeyFilter(team_id=team_id))
+        budgets_page = selectors.paginate(keys, request.GET.get("bpage"), BUDGETS_PER_PAGE)
+        key_budgets = selectors.key_rows(list(budgets_page.object_list))
+
+    return page(
+        request,
+        "dashboard/overview.html",
+        {
+            "form": form,
+            "team": team,
+            "window": window,
+            "data": data,
+            "chart": chart,
+            "sparks": sparks,
+            "budgets": budgets,
+            "key_budgets": key_budgets,
+            "budgets_page": budgets_page,
+        },
+        section="overview",
+    )

@@ -1,0 +1,193 @@
+"""Teams: list, create, edit (platform admins), and members (team admins)."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect
+from django.views.decorators.http import require_http_methods, require_POST
+
+from dashboard import selectors, services
+from dashboard.access import (
+    DashboardRequest,
+    dashboard_view,
+    get_team_for_config,
+    get_team_for_details,
+    get_team_for_members,
+    require,
+)
+from dashboard.forms import MemberAddForm, MemberRoleForm, TeamForm
+from dashboard.models import Membership
+from dashboard.views.common import form_error, page, posted
+from gateway import services as gateway_services
+from gateway.errors import GatewayError
+
+
+@require_http_methods(["GET"])
+@dashboard_view
+def team_list(request: DashboardRequest) -> HttpResponse:
+    teams_page = selectors.paginate(
+        selectors.teams_with_counts(request.viewer).order_by("name"), request.GET.get("page")
+    )
+    budgets = selectors.team_budgets(list(teams_page.object_list))
+    rows = [(b, request.viewer.can_view_team_details(b.team.id)) for b in budgets]
+    return page(
+        request,
+        "dashboard/teams/list.html",
+        {"page_obj": teams_page, "rows": rows},
+        section="teams",
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@dashboard_view
+def team_create(request: DashboardRequest) -> HttpResponse:
+    require(request.viewer.can_create_teams)
+    form = TeamForm(posted(request), initial={"alert_thresholds": "50, 80, 100"})
+    if request.method == "POST" and form.is_valid():
+        try:
+            team = gateway_services.team_create(actor=request.user.username, **form.to_fields())
+        except (GatewayError, ValidationError) as exc:
+            form_error(form, exc)
+        else:
+            messages.success(request, f"Team “{team.name}” created.")
+            return redirect("dashboard:team", team_id=team.id)
+    return page(
+        request,
+        "dashboard/teams/form.html",
+        {"form": form, "team": None},
+        section="teams",
+        status=400 if form.is_bound else 200,
+    )
+
+
+@require_http_methods(["GET"])
+@dashboard_view
+def team_detail(request: DashboardRequest, team_id: int) -> HttpResponse:
+    team = get_team_for_details(request.viewer, team_id)
+    members_page = selectors.paginate(selectors.team_members(team), request.GET.get("page"))
+    budget = selectors.team_budgets([team])[0]
+    return page(
+        request,
+        "dashboard/teams/detail.html",
+        {
+            "team": team,
+            "budget": budget,
+            "page_obj": members_page,
+            "add_form": MemberAddForm(),
+            "can_manage_members": request.viewer.can_manage_members(team.id),
+            "can_configure": request.viewer.can_configure_team(team.id),
+        },
+        section="teams",
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@dashboard_view
+def team_edit(request: DashboardRequest, team_id: int) -> HttpResponse:
+    team = get_team_for_config(request.viewer, team_id)
+    form = TeamForm(posted(request), initial=TeamForm.initial_for(team))
+    if request.method == "POST" and form.is_valid():
+        changed = {k: v for k, v in form.to_fields().items() if getattr(team, k) != v}
+        try:
+            if changed:
+                gateway_services.team_update(team=team, actor=request.user.username, **changed)
+        except (GatewayError, ValidationError) as exc:
+            team.refresh_from_db()
+            form_error(form, exc)
+        else:
+            messages.success(request, "Team settings saved." if changed else "Nothing changed.")
+            return redirect("dashboard:team", team_id=team.id)
+    return page(
+        request,
+        "dashboard/teams/form.html",
+        {"form": form, "team": team},
+        section="teams",
+        status=400 if form.is_bound else 200,
+    )
+
+
+@require_POST
+@dashboard_view
+def member_add(request: DashboardRequest, team_id: int) -> HttpResponse:
+    team = get_team_for_members(request.viewer, team_id)
+    form = MemberAddForm(request.POST)
+    if form.is_valid():
+        user = User.objects.filter(username=form.cleaned_data["username"].strip()).first()
+        if user is None:
+            form.add_error("username", "No user with that username; a platform admin adds users.")
+        else:
+            try:
+                services.membership_add(
+                    team=team,
+                    user=user,
+                    role=form.cleaned_data["role"],
+                    actor=request.user.username,
+                )
+            except services.DashboardError as exc:
+                form_error(form, exc)
+            else:
+                messages.success(request, f"{user.username} added to {team.name}.")
+                return redirect("dashboard:team", team_id=team.id)
+    members_page = selectors.paginate(selectors.team_members(team), 1)
+    return page(
+        request,
+        "dashboard/teams/detail.html",
+        {
+            "team": team,
+            "budget": selectors.team_budgets([team])[0],
+            "page_obj": members_page,
+            "add_form": form,
+            "can_manage_members": True,
+            "can_configure": request.viewer.can_configure_team(team.id),
+        },
+        section="teams",
+        status=400,
+    )
+
+
+def _membership(team_id: int, membership_id: int) -> Membership:
+    membership = (
+        Membership.objects.select_related("user").filter(id=membership_id, team_id=team_id).first()
+    )
+    if membership is None:
+        raise Http404("No such member.")
+    return membership
+
+
+@require_POST
+@dashboard_view
+def member_role(request: DashboardRequest, team_id: int, membership_id: int) -> HttpResponse:
+    team = get_team_for_members(request.viewer, team_id)
+    membership = _membership(team.id, membership_id)
+    form = MemberRoleForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Pick a role: team admin or member.")
+    else:
+        try:
+            services.membership_set_role(
+                membership=membership, role=form.cleaned_data["role"], actor=request.user.username
+            )
+        except services.DashboardError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(
+                request, f"{membership.user.username} is now {form.cleaned_data['role']}."
+            )
+    return redirect("dashboard:team", team_id=team.id)
+
+
+@require_POST
+@dashboard_view
+def member_remove(request: DashboardRequest, team_id: int, membership_id: int) -> HttpResponse:
+    team = get_team_for_members(request.viewer, team_id)
+    membership = _membership(team.id, membership_id)
+    try:
+        services.membership_remove(membership=membership, actor=request.user.username)
+    except services.DashboardError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"{membership.user.username} removed from {team.name}.")
+    return redirect("dashboard:team", team_id=team.id)

@@ -1,0 +1,239 @@
+"""The usage explorer (charts and a table over time, CSV export) and the request log."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.http import Http404, HttpResponse
+from django.views.decorators.http import require_GET
+
+from dashboard import charts, selectors
+from dashboard.access import DashboardRequest, dashboard_view, get_key_for_viewer
+from dashboard.formatting import compact, duration_ms, usd_axis
+from dashboard.forms import RequestLogFilter, UsageFilter
+from dashboard.selectors import LedgerScope, SeriesRow, Window
+from dashboard.views.common import choices, default_window, page, team_options
+from gateway.models import Team, VirtualKey
+
+TABLE_PAGE_SIZE = 25
+
+
+@dataclass
+class Explorer:
+    form: UsageFilter
+    window: Window
+    bucket: str
+    rows: list[SeriesRow]
+    team: Team | None
+    key: VirtualKey | None
+
+
+def _explore(request: DashboardRequest) -> Explorer:
+    viewer = request.viewer
+    teams = team_options(viewer)
+    form = UsageFilter(request.GET, teams=choices(teams))
+    form.is_valid()
+    data = form.cleaned_data
+    team = next((t for t in teams if t.id == data.get("team")), None)
+    key = get_key_for_viewer(viewer, data["key"]) if data.get("key") else None
+    window = default_window(team or (key.team if key else None), teams)
+    since, until = data.get("since"), data.get("until")
+    if form.is_valid() and (since or until):
+        tz_name = window.tz.key
+        first = since or window.since.astimezone(window.tz).date()
+        last = until or (window.until.astimezone(window.tz).date())
+        if first <= last:
+            window = selectors.day_window(first, last, tz_name)
+    bucket = selectors.bucket_for(window)
+    scope = LedgerScope(
+        viewer_q=viewer.ledger_q(),
+        window=window,
+        team_id=team.id if team else None,
+        key_id=key.id if key else None,
+        model=(data.get("model") or "").strip(),
+        tag=(data.get("tag") or "").strip(),
+    )
+    rows = selectors.usage_series(scope, bucket=bucket, group_by=data.get("group_by") or "")
+    # Show the dates in effect, whether typed or the default period.
+    shown = request.GET.copy()
+    shown["since"] = window.first_day.isoformat()
+    shown["until"] = window.last_day.isoformat()
+    form.data = shown
+    return Explorer(form, window, bucket, rows, team, key)
+
+
+def _label(moment: datetime, bucket: str) -> str:
+    return f"{moment:%d %b %H:00}" if bucket == "hour" else f"{moment:%d %b}"
+
+
+@require_GET
+@dashboard_view
+def usage(request: DashboardRequest) -> HttpResponse:
+    explorer = _explore(request)
+    starts = selectors.buckets(explorer.window, explorer.bucket)
+    labels = [_label(start, explorer.bucket) for start in starts]
+    index = {start: i for i, start in enumerate(starts)}
+    empty = [0.0] * len(starts)
+
+    spend: dict[str, list[float]] = defaultdict(lambda: list(empty))
+    tokens: dict[str, list[float]] = defaultdict(lambda: list(empty))
+    requests: dict[str, list[float]] = defaultdict(lambda: list(empty))
+    latency_sum: dict[str, list[float]] = defaultdict(lambda: list(empty))
+    for row in explorer.rows:
+        i = index.get(row.bucket)
+        if i is None:
+            continue
+        group = row.group or "All"
+        spend[group][i] += row.spend_micro_usd
+        requests[group][i] += row.requests
+        if row.group:
+            tokens[group][i] += row.tokens
+        else:
+            tokens["Prompt"][i] += row.prompt_tokens
+            tokens["Completion"][i] += row.completion_tokens
+        latency_sum[group][i] += (row.avg_latency_ms or 0) * row.requests
+    latency: dict[str, list[float | None]] = {}
+    for group in sorted(requests, key=lambda g: -sum(spend[g]))[:6]:
+        latency[group] = [
+            latency_sum[group][i] / n if n else None for i, n in enumerate(requests[group])
+        ]
+
+    def fmt_count(value: float) -> str:
+        return compact(value)
+
+    context_charts = {
+        "spend": charts.stacked_bars(labels, dict(spend), fmt=usd_axis, title="Spend"),
+        "tokens": charts.stacked_bars(labels, dict(tokens), fmt=fmt_count, title="Tokens"),
+        "requests": charts.stacked_bars(labels, dict(requests), fmt=fmt_count, title="Requests"),
+        "latency": charts.line_chart(
+            labels, latency, fmt=lambda v: duration_ms(v), title="Mean latency"
+        ),
+    }
+    totals = selectors.Totals()
+    for row in explorer.rows:
+        totals.requests += row.requests
+        totals.errors += row.errors
+        totals.spend_micro_usd += row.spend_micro_usd
+        totals.prompt_tokens += row.prompt_tokens
+        totals.completion_tokens += row.completion_tokens
+    table = selectors.paginate(
+        list(reversed(explorer.rows)), request.GET.get("page"), TABLE_PAGE_SIZE
+    )
+    return page(
+        request,
+        "dashboard/usage.html",
+        {
+            "form": explorer.form,
+            "window": explorer.window,
+            "bucket": explorer.bucket,
+            "charts": context_charts,
+            "totals": totals,
+            "page_obj": table,
+            "grouped": bool(explorer.form.cleaned_data.get("group_by")),
+            "key": explorer.key,
+            "key_options": selectors.key_options(
+                request.viewer, explorer.team.id if explorer.team else None
+            ),
+            "export_query": request.GET.urlencode(),
+        },
+        section="usage",
+    )
+
+
+CSV_COLUMNS = [
+    "bucket_start",
+    "group",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "spend_usd",
+    "avg_latency_ms",
+]
+
+
+@require_GET
+@dashboard_view
+def usage_csv(request: DashboardRequest) -> HttpResponse:
+    """Exactly the rows the explorer's table shows for the same filters, all pages."""
+    explorer = _explore(request)
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="usage.csv"'
+    writer = csv.writer(response)
+    writer.writerow(CSV_COLUMNS)
+    for row in explorer.rows:
+        writer.writerow(
+            [
+                row.bucket.isoformat(),
+                row.group,
+                row.requests,
+                row.errors,
+                row.prompt_tokens,
+                row.completion_tokens,
+                f"{row.spend_micro_usd // 1_000_000}.{row.spend_micro_usd % 1_000_000:06d}",
+                "" if row.avg_latency_ms is None else row.avg_latency_ms,
+            ]
+        )
+    return response
+
+
+# --- request log ---------------------------------------------------------------------------------
+
+
+@require_GET
+@dashboard_view
+def request_list(request: DashboardRequest) -> HttpResponse:
+    viewer = request.viewer
+    teams = team_options(viewer)
+    form = RequestLogFilter(request.GET, teams=choices(teams))
+    form.is_valid()
+    data = form.cleaned_data
+    key = get_key_for_viewer(viewer, data["key"]) if data.get("key") else None
+    scope = LedgerScope(
+        viewer_q=viewer.ledger_q(),
+        team_id=data.get("team"),
+        key_id=key.id if key else None,
+        model=(data.get("model") or "").strip(),
+        status=data.get("status") or "",
+    )
+    log = selectors.request_log(scope, cursor=request.GET.get("cursor", "")[:200])
+    return page(
+        request,
+        "dashboard/requests/list.html",
+        {
+            "form": form,
+            "log": log,
+            "key": key,
+            "key_options": selectors.key_options(viewer, data.get("team")),
+            "cursor": request.GET.get("cursor", ""),
+        },
+        section="requests",
+    )
+
+
+@require_GET
+@dashboard_view
+def request_detail(request: DashboardRequest, row_id: int) -> HttpResponse:
+    row = selectors.ledger_row(request.viewer, row_id)
+    if row is None:
+        raise Http404("No such request.")
+    key = (
+        VirtualKey.objects.filter(id=row.key_id).select_related("team").first()
+        if row.key_id
+        else None
+    )
+    team = key.team if key else Team.objects.filter(id=row.team_id).first()
+    return page(
+        request,
+        "dashboard/requests/detail.html",
+        {
+            "row": row,
+            "key": key,
+            "team": team,
+            "attempts": selectors.request_attempts(row, request.viewer),
+        },
+        section="requests",
+    )

@@ -1,0 +1,213 @@
+"""The dashboard in a real browser (Debian's Chromium, headless, driven by Playwright).
+
+A team admin signs in, issues a key and reads its secret off the page, calls the
+gateway with it through the official `openai` SDK, finds the call in the request log
+and the usage chart, revokes the key, and sees the next call refused. The live
+gateway serves the dashboard and /v1 from the same URL, as in production.
+
+The browser runs in a worker thread: Playwright's sync API keeps an event loop
+running in its thread, where Django would refuse ORM calls.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import pytest
+from django.utils import timezone
+from openai import OpenAI
+
+from billing.ledger import AttemptRecord, ledger_write
+from billing.pricing import Usage
+from dashboard.models import Membership, TeamRole
+from gateway import services
+from tests.dashboard.conftest import PASSWORD, make_user
+from tests.gateway.support import wait_until
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+SCREENSHOT_COPY = Path("/tmp/dashboard-overview.png")
+T = TypeVar("T")
+
+
+def in_thread(fn: Callable[[], T]) -> T:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result(timeout=300)
+
+
+@pytest.fixture(scope="module")
+def playwright_chromium() -> Any:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: `make test` installs Debian's chromium package.")
+    return CHROMIUM
+
+
+def seed_usage(team: Any, keys: list[Any], days: int = 20) -> None:
+    """A few weeks of believable traffic, so the overview has something to show."""
+    rng = random.Random(42)
+    now = timezone.now()
+    models = [
+        ("gpt-4o", 9_000),
+        ("claude-sonnet-4", 14_000),
+        ("gpt-4o-mini", 900),
+        ("llama-70b", 2_500),
+    ]
+    records = []
+    for day in range(days):
+        for n in range(rng.randint(14, 26) + day):
+            model, cost = rng.choices(models, weights=[4, 2, 8, 1])[0]
+            key = rng.choices(keys, weights=[6, 3, 1][: len(keys)])[0]
+            started = now - timedelta(days=day, minutes=rng.randint(1, 600))
+            latency = int(rng.lognormvariate(6.6, 0.4))
+            failed = rng.random() < 0.02
+            records.append(
+                AttemptRecord(
+                    request_id=f"seed-{team.id}-{day}-{n}",
+                    attempt=1,
+                    team_id=team.id,
+                    key_id=key.id,
+                    endpoint="chat.completions",
+                    model=model,
+                    status="error" if failed else "success",
+                    http_status=502 if failed else 200,
+                    started_at=started,
+                    ended_at=started + timedelta(milliseconds=latency),
+                    usage=Usage(
+                        prompt_tokens=rng.randint(200, 2400), completion_tokens=rng.randint(40, 700)
+                    ),
+                    list_cost_micro_usd=0 if failed else int(cost * rng.uniform(0.5, 1.6)),
+                    charged_cost_micro_usd=0 if failed else int(cost * rng.uniform(0.5, 1.6)),
+                    latency_ms=latency,
+                    tags=[rng.choice(["prod", "staging", "evals"])],
+                )
+            )
+    ledger_write(records)
+
+
+def test_it_issues_uses_and_revokes_a_key_in_the_browser(
+    live_gateway: Any, make_model: Any, playwright_chromium: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    model = make_model()
+    acme = services.team_create(
+        name="Acme Robotics", budget_micro_usd=5_000_000, alert_thresholds=[50, 80, 100]
+    )
+    globex = services.team_create(name="Globex Research", budget_micro_usd=25_000_000)
+    alice = make_user("alice")
+    Membership.objects.create(user=alice, team=acme, role=TeamRole.ADMIN)
+    seed_usage(
+        acme,
+        [
+            services.key_create(team=acme, name=name, owner=alice).key
+            for name in ("support-bot", "search-api", "nightly-evals")
+        ],
+    )
+    seed_usage(globex, [services.key_create(team=globex, name="globex-prod").key], days=12)
+    base = live_gateway.url
+    shot = tmp_path / "overview.png"
+
+    def browse() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=playwright_chromium, args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1440, "height": 1000})
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+            page = context.new_page()
+            try:
+                # Sign in as the team admin.
+                page.goto(f"{base}/keys/new/")
+                expect(page).to_have_url(f"{base}/login/?next=/keys/new/")
+                page.fill("#id_username", "alice")
+                page.fill("#id_password", PASSWORD)
+                page.click("button[type=submit]")
+                expect(page).to_have_url(f"{base}/keys/new/")
+
+                # Issue a key; the secret is on the page exactly once.
+                page.fill("#id_name", "browser test key")
+                page.click("[data-testid=issue-key]")
+                secret_box = page.locator("[data-testid=secret]")
+                expect(secret_box).to_be_visible()
+                seen["secret"] = secret_box.input_value()
+                seen["snippet"] = page.locator("#snippet-openai").text_content()
+                page.click("button[data-copy='#secret']")
+                seen["clipboard"] = page.evaluate("navigator.clipboard.readText()")
+                key_url = page.locator("a.btn.primary", has_text="continue").get_attribute("href")
+
+                # Call the gateway with it, through the official SDK.
+                client = OpenAI(base_url=f"{base}/v1", api_key=seen["secret"], max_retries=0)
+                reply = client.chat.completions.create(
+                    model=model.name, messages=[{"role": "user", "content": "Hello"}]
+                )
+                seen["answer"] = reply.choices[0].message.content
+
+                # The call is in the request log, and its detail shows no secret.
+                page.goto(f"{base}/requests/")
+                row = page.locator("[data-testid=request-log] tbody tr", has_text=model.name)
+                expect(row).to_have_count(1)
+                row.locator("a").first.click()
+                expect(page.locator("h1")).to_contain_text("req_")
+                seen["detail"] = page.content()
+
+                # And in the usage explorer's charts.
+                page.goto(f"{base}/usage/?model={model.name}")
+                expect(page.locator("[data-testid=usage-requests]")).to_have_text("1")
+                bars = page.locator("[data-testid=chart-requests] svg rect")
+                expect(bars).to_have_count(1)
+                seen["bar_title"] = bars.first.locator("title").text_content()
+
+                # The key's page knows it was used; then revoke it.
+                page.goto(f"{base}{key_url}")
+                expect(page.locator("[data-testid=last-used]")).not_to_have_text("Never")
+                page.click("[data-testid=revoke]")
+                expect(page.locator("[data-testid=key-status]")).to_have_text("Revoked")
+
+                def refused() -> bool:
+                    try:
+                        client.chat.completions.create(
+                            model=model.name, messages=[{"role": "user", "content": "Again"}]
+                        )
+                    except openai.AuthenticationError as exc:
+                        seen["refusal"] = exc.status_code
+                        return True
+                    return False
+
+                wait_until(refused, timeout=3.0, interval=0.2)
+
+                # The overview, for people to look at.
+                page.goto(f"{base}/overview/")
+                expect(page.locator("[data-testid=kpi-requests]")).to_be_visible()
+                page.screenshot(path=str(shot), full_page=True)
+            finally:
+                browser.close()
+        return seen
+
+    seen = in_thread(browse)
+
+    secret = seen["secret"]
+    assert secret.startswith("sk-gw-") and len(secret) > 40
+    assert seen["clipboard"] == secret
+    assert f'base_url="{base}/v1"' in seen["snippet"] and secret in seen["snippet"]
+    assert seen["answer"]
+    assert secret not in seen["detail"] and "sk-provider" not in seen["detail"]
+    assert model.name in seen["bar_title"] or "All" in seen["bar_title"]
+    assert seen["refusal"] == 401
+    assert shot.stat().st_size > 10_000
+    shutil.copyfile(shot, SCREENSHOT_COPY)

@@ -1,0 +1,533 @@
+"""What each dashboard page shows, to whom, and what its forms accept."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from dashboard.models import Membership, TeamRole
+from gateway.crypto import decrypt_secret, hash_key_secret
+from gateway.models import AuditEntry, KeySecret, ModelDeployment, Team, VirtualKey
+from tests.dashboard.conftest import World, ledger_row
+
+pytestmark = pytest.mark.django_db
+
+
+def text(response: Any) -> str:
+    return response.content.decode()
+
+
+# --- scope: nobody sees another team's usage ------------------------------------------------
+
+
+def test_it_shows_each_team_only_its_own_usage(world: World) -> None:
+    for role, mine, theirs in (
+        ("alice", "gpt-test", "gpt-globex-only"),
+        ("bob", "gpt-test", "gpt-globex-only"),
+        ("charlie", "gpt-globex-only", "gpt-test"),
+    ):
+        client = world.client(role)
+        for url in ("/overview/", "/usage/?group_by=model", "/requests/"):
+            page = text(client.get(url))
+            assert mine in page, (role, url)
+            assert theirs not in page, (role, url)
+
+
+def test_it_shows_a_member_only_their_own_keys(world: World) -> None:
+    ledger_row(world.alice_key, model="gpt-alice-only")
+    page = text(world.client("bob").get("/keys/"))
+    assert "bob-laptop" in page and "acme-prod" not in page
+    assert "gpt-alice-only" not in text(world.client("bob").get("/requests/"))
+    assert "gpt-alice-only" in text(world.client("alice").get("/requests/"))
+
+
+def test_it_ignores_a_team_filter_for_a_team_the_user_is_not_in(world: World) -> None:
+    page = text(world.client("charlie").get(f"/usage/?team={world.acme.id}&group_by=model"))
+    assert "gpt-test" not in page
+
+
+def test_it_lets_finance_read_everything_and_change_nothing(world: World) -> None:
+    client = world.client("fiona")
+    overview = text(client.get("/overview/"))
+    assert "gpt-test" in overview and "gpt-globex-only" in overview
+    assert "New key" not in overview
+    assert "Add deployment" not in text(client.get("/models/"))
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def test_it_shows_a_new_secret_once_and_stores_only_its_hash(world: World) -> None:
+    client = world.client("alice")
+    response = client.post(
+        "/keys/new/", {"name": "ci", "team": world.acme.id, "budget_period": "monthly"}
+    )
+    assert response.status_code == 201
+    secret = response.context["secret"]
+    assert secret.startswith("sk-gw-") and secret in text(response)
+    assert "no-store" in response["Cache-Control"]
+    assert 'base_url="http://testserver/v1"' in text(response)  # the openai snippet
+    assert 'base_url="http://testserver"' in text(response)  # the anthropic snippet
+    key = VirtualKey.objects.get(name="ci")
+    assert key.owner == world.alice
+    assert KeySecret.objects.get(key=key).secret_hash == hash_key_secret(secret)
+    for url in (f"/keys/{key.id}/", "/keys/", "/audit/", "/overview/"):
+        assert secret not in text(client.get(url)), url
+    assert secret not in str(list(AuditEntry.objects.values()))
+
+
+def test_it_rotates_a_key_with_a_grace_period(world: World) -> None:
+    client = world.client("bob")
+    old = KeySecret.objects.get(key=world.bob_key)
+    response = client.post(f"/keys/{world.bob_key.id}/rotate/", {"grace_seconds": "86400"})
+    assert response.status_code == 200
+    new_secret = response.context["secret"]
+    old.refresh_from_db()
+    assert old.expires_at is not None
+    assert timedelta(hours=23) < old.expires_at - timezone.now() <= timedelta(hours=24)
+    assert KeySecret.objects.get(secret_hash=hash_key_secret(new_secret)).expires_at is None
+
+
+def test_it_revokes_a_key(world: World) -> None:
+    response = world.client("bob").post(f"/keys/{world.bob_key.id}/revoke/", follow=True)
+    world.bob_key.refresh_from_db()
+    assert world.bob_key.revoked_at is not None
+    assert "revoked" in text(response)
+    assert AuditEntry.objects.filter(action="revoke", actor="bob").count() == 1
+
+
+def test_it_does_not_let_a_member_set_limits_on_a_key_they_issue(world: World) -> None:
+    response = world.client("bob").post(
+        "/keys/new/", {"name": "mine", "team": world.acme.id, "rpm_limit": "100000"}
+    )
+    assert response.status_code == 201
+    assert VirtualKey.objects.get(name="mine").rpm_limit is None
+
+
+def test_it_sets_key_limits_with_clear_messages(world: World) -> None:
+    client = world.client("alice")
+    bad = client.post(
+        f"/keys/{world.bob_key.id}/edit/",
+        {"name": "", "budget_period": "monthly", "rpm_limit": "0", "max_budget_usd": "-1"},
+    )
+    assert bad.status_code == 400
+    page = text(bad)
+    assert "This field is required." in page
+    assert "greater than or equal to 1" in page
+    assert "greater than or equal to 0" in page
+    good = client.post(
+        f"/keys/{world.bob_key.id}/edit/",
+        {
+            "name": "bob-laptop",
+            "budget_period": "daily",
+            "max_budget_usd": "12.5",
+            "rpm_limit": "60",
+            "tpm_limit": "100000",
+            "allowed_models": ["gpt-test"],
+        },
+    )
+    assert good.status_code == 302
+    world.bob_key.refresh_from_db()
+    assert world.bob_key.max_budget_micro_usd == 12_500_000
+    assert world.bob_key.allowed_models == ["gpt-test"]
+    entry = AuditEntry.objects.filter(object_type="virtualkey", action="update").latest("id")
+    assert entry.actor == "alice"
+    assert entry.before is not None and entry.after is not None
+    assert entry.before["rpm_limit"] is None and entry.after["rpm_limit"] == 60
+
+
+def test_it_shows_last_use_and_spend_of_each_key(world: World) -> None:
+    ledger_row(
+        world.bob_key, model="gpt-test", cost=2_500_000, at=timezone.now() - timedelta(hours=2)
+    )
+    page = text(world.client("alice").get("/keys/"))
+    assert "$2.50" in page  # 2.5 USD plus the world's 0.001234
+    assert "minutes ago" in page
+
+
+# --- teams and members ---------------------------------------------------------------------------
+
+
+def test_it_validates_the_team_form_with_clear_messages(world: World) -> None:
+    response = world.client("root").post(
+        "/teams/new/",
+        {
+            "name": "Acme",
+            "budget_usd": "-5",
+            "budget_period": "fortnightly",
+            "timezone": "Mars/Olympus",
+            "alert_thresholds": "50, lots",
+            "markup_percent": "0",
+        },
+    )
+    assert response.status_code == 400
+    page = text(response)
+    assert "&#x27;Mars/Olympus&#x27; is not a timezone name" in page
+    assert "&#x27;lots&#x27; is not a whole percentage." in page
+    assert "greater than or equal to 0" in page
+    assert "Select a valid choice" in page
+    assert Team.objects.count() == 2
+
+
+def test_it_reports_a_duplicate_team_name_on_the_name_field(world: World) -> None:
+    response = world.client("root").post(
+        "/teams/new/",
+        {"name": "Acme", "budget_period": "monthly", "timezone": "UTC", "markup_percent": "0"},
+    )
+    assert response.status_code == 400
+    assert "already exists" in str(response.context["form"].errors["name"])
+
+
+def test_it_edits_a_team_and_records_before_and_after(world: World) -> None:
+    response = world.client("root").post(
+        f"/teams/{world.acme.id}/edit/",
+        {
+            "name": "Acme",
+            "budget_usd": "250",
+            "budget_period": "weekly",
+            "timezone": "Europe/Paris",
+            "alert_thresholds": "90, 50",
+            "markup_percent": "12.5",
+        },
+    )
+    assert response.status_code == 302
+    world.acme.refresh_from_db()
+    assert world.acme.budget_micro_usd == 250_000_000
+    assert world.acme.alert_thresholds == [50, 90]
+    entry = AuditEntry.objects.filter(object_type="team", action="update").latest("id")
+    assert entry.before is not None and entry.after is not None
+    assert entry.before["budget_period"] == "monthly" and entry.after["budget_period"] == "weekly"
+    audit = text(world.client("alice").get("/audit/"))
+    assert "Europe/Paris" in audit and "$250.00" in audit
+
+
+def test_it_adds_sets_and_removes_members(world: World) -> None:
+    client = world.client("alice")
+    missing = client.post(
+        f"/teams/{world.acme.id}/members/add/", {"username": "nobody", "role": "member"}
+    )
+    assert missing.status_code == 400
+    assert "No user with that username" in text(missing)
+    again = client.post(
+        f"/teams/{world.acme.id}/members/add/", {"username": "bob", "role": "member"}
+    )
+    assert "already in Acme" in text(again)
+
+    client.post(f"/teams/{world.acme.id}/members/add/", {"username": "dave", "role": "member"})
+    dave = Membership.objects.get(user=world.dave, team=world.acme)
+    client.post(f"/teams/{world.acme.id}/members/{dave.id}/role/", {"role": "admin"})
+    dave.refresh_from_db()
+    assert dave.role == TeamRole.ADMIN
+    client.post(f"/teams/{world.acme.id}/members/{dave.id}/remove/")
+    assert not Membership.objects.filter(id=dave.id).exists()
+    actions = list(
+        AuditEntry.objects.filter(object_type="membership", team_id=world.acme.id)
+        .order_by("id")
+        .values_list("action", flat=True)
+    )
+    assert actions == ["create", "update", "delete"]
+    # Team admins read their team's history, and only theirs.
+    assert "member" in text(client.get("/audit/?object_type=membership"))
+    assert "membership" not in str(
+        [e.object_type for e in world.client("charlie").get("/audit/").context["page_obj"]]
+    )
+
+
+def test_it_keeps_at_least_one_admin_in_a_team(world: World) -> None:
+    response = world.client("alice").post(
+        f"/teams/{world.acme.id}/members/{world.alice_membership.id}/role/",
+        {"role": "member"},
+        follow=True,
+    )
+    assert "at least one admin" in text(response)
+    world.alice_membership.refresh_from_db()
+    assert world.alice_membership.role == TeamRole.ADMIN
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def test_it_never_shows_a_saved_provider_credential(world: World) -> None:
+    client = world.client("root")
+    for url in (f"/models/{world.deployment.public_id}/", "/models/", "/audit/"):
+        page = text(client.get(url))
+        assert "sk-provider-secret-never-shown" not in page, url
+    form_page = text(client.get(f"/models/{world.deployment.public_id}/"))
+    assert "A key is saved" in form_page
+
+
+def test_it_keeps_the_credential_unless_a_new_one_is_typed(world: World) -> None:
+    client = world.client("root")
+    fields = {
+        "name": "gpt-test",
+        "provider_model": "openai/gpt-test",
+        "weight": "3",
+        "enabled": "on",
+    }
+    assert client.post(f"/models/{world.deployment.public_id}/", fields).status_code == 302
+    world.deployment.refresh_from_db()
+    assert decrypt_secret(world.deployment.api_key_encrypted) == "sk-provider-secret-never-shown"
+    client.post(f"/models/{world.deployment.public_id}/", {**fields, "api_key": "sk-new-one"})
+    world.deployment.refresh_from_db()
+    assert decrypt_secret(world.deployment.api_key_encrypted) == "sk-new-one"
+    assert "sk-new-one" not in str(list(AuditEntry.objects.values()))
+    client.post(f"/models/{world.deployment.public_id}/", {**fields, "clear_api_key": "on"})
+    world.deployment.refresh_from_db()
+    assert world.deployment.api_key_encrypted == ""
+
+
+def test_it_validates_a_deployment_with_clear_messages(world: World) -> None:
+    response = world.client("root").post(
+        "/models/new/",
+        {
+            "name": "x",
+            "provider_model": "nonsense",
+            "api_base": "ftp://example.com",
+            "weight": "1",
+            "input_cost_per_million": "-1",
+        },
+    )
+    assert response.status_code == 400
+    errors = response.context["form"].errors
+    assert "provider/model" in str(errors["provider_model"])
+    assert "http(s) URL" in str(errors["api_base"])
+    assert "greater than or equal to 0" in str(errors["input_cost_per_million"])
+    assert not ModelDeployment.objects.filter(name="x").exists()
+
+
+def test_it_refuses_a_fallback_to_an_unknown_model(world: World) -> None:
+    response = world.client("root").post(
+        "/models/policy/gpt-test/",
+        {
+            "routing_strategy": "simple-shuffle",
+            "fallbacks": "gpt-test",
+            "context_window_fallbacks": "no-such-model",
+            "num_retries": "2",
+            "retry_backoff_seconds": "0.5",
+            "max_retry_after_seconds": "10",
+            "allowed_fails": "3",
+            "cooldown_seconds": "10",
+        },
+    )
+    assert response.status_code == 400
+    errors = response.context["form"].errors
+    assert "cannot fall back to itself" in str(errors["fallbacks"])
+    assert "not a configured model" in str(errors["context_window_fallbacks"])
+
+
+def test_it_test_calls_a_deployment_and_shows_the_answer(world: World, mock_upstream: Any) -> None:
+    from gateway import services
+
+    deployment = services.deployment_create(
+        name="mocked", provider_model="openai/mocked", api_base=mock_upstream.api_base
+    )
+    response = world.client("root").post(f"/models/{deployment.public_id}/test/")
+    assert response.status_code == 200
+    result = response.context["test"]
+    assert result.ok, result
+    assert result.answer and result.latency_ms >= 0
+    assert "It works" in text(response)
+
+
+def test_it_reports_a_failing_test_call(world: World) -> None:
+    response = world.client("root").post(f"/models/{world.deployment.public_id}/test/")
+    assert not response.context["test"].ok
+    assert "The test call failed" in text(response)
+
+
+# --- usage, requests, CSV -------------------------------------------------------------------------
+
+
+def test_it_exports_the_rows_it_shows(world: World) -> None:
+    ledger_row(
+        world.bob_key, model="gpt-test", cost=1_000_000, at=timezone.now() - timedelta(hours=1)
+    )
+    ledger_row(
+        world.bob_key, model="gpt-other", cost=500_000, at=timezone.now() - timedelta(hours=1)
+    )
+    client = world.client("alice")
+    page = client.get("/usage/?group_by=model")
+    shown = [(row.group, row.requests, row.spend_micro_usd) for row in page.context["page_obj"]]
+    export = client.get("/usage/export.csv?group_by=model")
+    assert export["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(export.content.decode())))
+    exported = [(r["group"], int(r["requests"]), r["spend_usd"]) for r in rows]
+    assert sorted((g, n) for g, n, _ in exported) == sorted((g, n) for g, n, _ in shown)
+    assert {r["spend_usd"] for r in rows if r["group"] == "gpt-other"} == {"0.500000"}
+    assert "gpt-globex-only" not in export.content.decode()
+
+
+def test_it_filters_usage_by_tag_and_dates(world: World) -> None:
+    ledger_row(
+        world.bob_key, model="gpt-tagged", tags=["nightly"], at=timezone.now() - timedelta(hours=1)
+    )
+    client = world.client("alice")
+    assert "gpt-tagged" in text(client.get("/usage/?tag=nightly&group_by=model"))
+    assert "gpt-test" not in text(client.get("/usage/?tag=nightly&group_by=model"))
+    bad = client.get("/usage/?since=2026-02-01&until=2026-01-01")
+    assert "The end date is before the start date." in text(bad)
+
+
+def test_it_pages_the_request_log_without_repeating_a_row(world: World) -> None:
+    start = timezone.now() - timedelta(hours=3)
+    for i in range(60):
+        ledger_row(world.bob_key, model=f"m{i:02d}", at=start + timedelta(seconds=i))
+    client = world.client("bob")
+    first = client.get("/requests/")
+    page_one = [row.id for row, _, _ in first.context["log"].entries]
+    assert len(page_one) == 50
+    cursor = first.context["log"].next_cursor
+    second = client.get(f"/requests/?cursor={cursor}")
+    page_two = [row.id for row, _, _ in second.context["log"].entries]
+    assert len(page_two) == 11  # 60 here plus the world's row
+    assert not set(page_one) & set(page_two)
+    assert second.context["log"].next_cursor == ""
+
+
+def test_it_filters_the_request_log_by_status_and_model(world: World) -> None:
+    ledger_row(world.bob_key, model="gpt-broken", status="error", http_status=502)
+    client = world.client("alice")
+    errors = client.get("/requests/?status=error")
+    assert [r.model for r, _, _ in errors.context["log"].entries] == ["gpt-broken"]
+    by_model = client.get("/requests/?model=gpt-test")
+    assert {r.model for r, _, _ in by_model.context["log"].entries} == {"gpt-test"}
+
+
+def test_it_shows_a_request_without_secrets(world: World) -> None:
+    page = text(world.client("alice").get(f"/requests/{world.bob_row.id}/"))
+    assert world.bob_row.request_id in page and "bob-laptop" in page
+    assert "sk-" not in page.replace("sk-gw-", "")
+
+
+# --- security basics ------------------------------------------------------------------------------
+
+
+def test_it_refuses_a_post_without_a_csrf_token(world: World) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(world.alice)
+    response = client.post(f"/keys/{world.bob_key.id}/revoke/")
+    assert response.status_code == 403
+    world.bob_key.refresh_from_db()
+    assert world.bob_key.revoked_at is None
+
+
+def test_it_puts_a_csrf_token_in_every_form(world: World) -> None:
+    client = world.client("root")
+    urls = [
+        "/overview/",
+        "/teams/new/",
+        f"/teams/{world.acme.id}/",
+        f"/teams/{world.acme.id}/edit/",
+        "/keys/new/",
+        f"/keys/{world.bob_key.id}/",
+        f"/keys/{world.bob_key.id}/edit/",
+        "/models/",
+        "/models/new/",
+        f"/models/{world.deployment.public_id}/",
+        "/models/policy/gpt-test/",
+        "/users/",
+    ]
+    for url in urls:
+        page = text(client.get(url))
+        posts = page.count('method="post"')
+        assert posts, url
+        assert page.count('name="csrfmiddlewaretoken"') == posts, url
+
+
+def test_it_signs_in_with_a_password_and_out(world: World) -> None:
+    client = Client()
+    wrong = client.post("/login/", {"username": "alice", "password": "nope"})
+    assert "Wrong username or password" in text(wrong)
+    right = client.post(
+        "/login/", {"username": "alice", "password": "correct horse battery staple"}
+    )
+    assert right.status_code == 302 and right["Location"] == "/overview/"
+    assert client.get("/overview/").status_code == 200
+    client.post("/logout/")
+    assert client.get("/overview/").status_code == 302
+
+
+# --- query counts: every page's queries are bounded -----------------------------------------------
+
+
+def grow(world: World, n: int) -> None:
+    """More of everything each list shows."""
+    from gateway import services
+
+    for i in range(n):
+        team = services.team_create(name=f"bulk-{n}-{i}", budget_micro_usd=1_000_000)
+        key = services.key_create(team=team, name=f"bulk-key-{i}", owner=world.alice).key
+        Membership.objects.create(user=world.alice, team=team, role=TeamRole.ADMIN)
+        ledger_row(key, model=f"bulk-model-{i}", at=timezone.now() - timedelta(minutes=i + 1))
+        services.deployment_create(name=f"bulk-model-{i}", provider_model=f"openai/bulk-{n}-{i}")
+        ledger_row(
+            world.bob_key, model=f"bulk-model-{i}", at=timezone.now() - timedelta(hours=i + 1)
+        )
+
+
+PAGES = [
+    lambda w: "/overview/",
+    lambda w: f"/overview/?team={w.acme.id}",
+    lambda w: "/usage/",
+    lambda w: "/usage/?group_by=key",
+    lambda w: "/usage/export.csv?group_by=team",
+    lambda w: "/teams/",
+    lambda w: f"/teams/{w.acme.id}/",
+    lambda w: "/keys/",
+    lambda w: f"/keys/{w.bob_key.id}/",
+    lambda w: "/keys/new/",
+    lambda w: "/models/",
+    lambda w: "/requests/",
+    lambda w: f"/requests/{w.bob_row.id}/",
+    lambda w: "/audit/",
+    lambda w: "/users/",
+]
+# Session, user, the viewer's memberships and platform role, then the page's own.
+MAX_QUERIES = 14
+
+
+def count_queries(client: Client, url: str) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(url)
+    assert response.status_code == 200, (url, response.status_code)
+    return len(queries.captured_queries)
+
+
+@pytest.mark.parametrize("role", ["root", "alice"])
+def test_it_reads_a_bounded_number_of_queries_per_page(world: World, role: str) -> None:
+    client = world.client(role)
+    small = {}
+    grow(world, 3)
+    for page in PAGES:
+        url = page(world)
+        if role != "root" and url in ("/users/", "/models/"):
+            continue
+        small[url] = count_queries(client, url)
+    grow(world, 12)
+    for url, before in small.items():
+        after = count_queries(client, url)
+        assert after <= MAX_QUERIES, (url, after)
+        assert after == before, f"{url}: {before} queries with few rows, {after} with more"
+
+
+def test_it_asserts_the_overview_and_usage_query_budgets(
+    world: World, django_assert_max_num_queries: Any
+) -> None:
+    client = world.client("root")
+    # 4 to sign in and load roles; team choices; the one-scan aggregate in a
+    # transaction of its own (savepoint, SET LOCAL, the query, release: 4 here, as the
+    # test runs inside a transaction; in production BEGIN/COMMIT are not queries);
+    # key names; a page of budgets (2).
+    with django_assert_max_num_queries(12):
+        assert client.get("/overview/").status_code == 200
+    # 4 to sign in; team and key choices; the bucketed aggregate (4, as above).
+    with django_assert_max_num_queries(10):
+        assert client.get("/usage/").status_code == 200

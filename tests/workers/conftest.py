@@ -1,0 +1,228 @@
+"""Real Celery workers for the worker tests: separate processes on the test database.
+
+Workers are started as `celery -A config worker --pool=prefork --concurrency=2` with
+the live gateway's environment (the test database, the test Redis as broker), each in
+its own process group so a test can `kill -9` a whole worker tree. Tasks are sent by
+name through the broker: nothing here runs eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, LiveGateway, gateway_env
+
+WORKER_ENV = {
+    # Tests deliver webhooks to a receiver on 127.0.0.1.
+    "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "1",
+    "GATEWAY_WEBHOOK_RETRY_BASE_SECONDS": "0.3",
+    # A killed worker's claims lapse quickly, so the kill test stays short.
+    "GATEWAY_BATCH_LEASE_SECONDS": "2",
+    "GATEWAY_BATCH_TEAM_CONCURRENCY": "8",
+}
+
+
+def wait_for(
+    check: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        time.sleep(interval)
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        """SIGKILL the worker's whole process tree (main process and pool children)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class Workers:
+    env: dict[str, str]
+    log_dir: Path
+    started: list[Worker] = field(default_factory=list)
+    current: Worker | None = None
+
+    def start(self) -> Worker:
+        from config.celery import app
+
+        name = f"w{len(self.started)}-{uuid.uuid4().hex[:6]}"
+        log_path = self.log_dir / f"{name}.log"
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "--pool=prefork",
+                "--concurrency=2",
+                "-l",
+                "warning",
+                "-n",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: killpg reaches the children
+        )
+        worker = Worker(name, process, log_path)
+        self.started.append(worker)
+        destination = f"{name}@{socket.gethostname()}"
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{worker.log()[-4000:]}")
+            return bool(app.control.ping(destination=[destination], timeout=0.5))
+
+        wait_for(ready, 60, 0.2, "the Celery worker to answer a ping")
+        self.current = worker
+        return worker
+
+    def ensure(self) -> Worker:
+        if self.current is None or self.current.process.poll() is not None:
+            return self.start()
+        return self.current
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_workers(
+    live_gateway: LiveGateway,
+    services_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Workers]:
+    log_dir = tmp_path_factory.mktemp("celery")
+    mail_dir = tmp_path_factory.mktemp("mail")
+    env = gateway_env(
+        services_env,
+        **WORKER_ENV,
+        EMAIL_BACKEND="django.core.mail.backends.filebased.EmailBackend",
+        EMAIL_FILE_PATH=str(mail_dir),
+    )
+    workers = Workers(env, log_dir)
+    try:
+        yield workers
+    finally:
+        workers.stop_all()
+
+
+@pytest.fixture
+def worker(celery_workers: Workers) -> Worker:
+    """A running worker (the one a previous test killed is replaced)."""
+    return celery_workers.ensure()
+
+
+@pytest.fixture
+def mail_dir(celery_workers: Workers) -> Path:
+    return Path(celery_workers.env["EMAIL_FILE_PATH"])
+
+
+def send_task(name: str, *args: Any, **kwargs: Any) -> None:
+    from config.celery import app
+
+    app.send_task(name, args=args, kwargs=kwargs)
+
+
+# --- a webhook receiver -----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    url: str
+    received: list[Received] = field(default_factory=list)
+    # Status codes to answer with, in order; 200 once they run out.
+    script: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def bodies(self) -> list[bytes]:
+        with self.lock:
+            return [r.body for r in self.received]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length)
+            with found.lock:
+                found.received.append(
+                    Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                )
+                status = found.script.pop(0) if found.script else 200
+            self.send_response(status)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    found.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+    try:
+        yield found
+    finally:
+        server.shutdown()
+        server.server_close()
