@@ -64,6 +64,8 @@ run: $(VENV)/.installed ## Run the gateway + mock upstream on http://127.0.0.1:$
 
 .PHONY: test
 test: $(VENV)/.installed-dev ## Run pytest against private Postgres + Redis
+	@# The dashboard's browser tests drive Debian's Chromium (Playwright downloads no browser).
+	command -v chromium || (apt-get update && apt-get install -y chromium)
 	scripts/services.sh test -- $(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: services
@@ -83,6 +85,13 @@ lint: $(VENV)/.installed-dev ## ruff check, ruff format --check, mypy (runs all,
 format: $(VENV)/.installed-dev ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# --- benchmark -----------------------------------------------------------------
+
+.PHONY: bench
+bench: $(VENV)/.installed-dev ## Benchmark against LiteLLM's proxy and a bare nginx mock (README: Performance)
+	bench/setup.sh
+	scripts/services.sh test -- $(PY) bench/run.py
 
 # --- lock files --------------------------------------------------------------
 
