@@ -9,6 +9,8 @@ Content-Length alone, before Django reads a byte of them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
 from typing import Any
@@ -19,7 +21,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.core.handlers.asgi import ASGIHandler
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.urls import set_script_prefix
 
 full_site = get_asgi_application()
 
@@ -29,6 +33,15 @@ from gateway.errors import body_too_large, dialect_for_path  # noqa: E402
 
 
 class DataPlaneHandler(ASGIHandler):
+    """Django's ASGI handler minus what costs the data plane a thread per request.
+
+    The stock handler runs each request in its own thread-sensitive context, sends
+    `request_started` (sync receivers: a thread hop) and closes the response through
+    sync_to_async (another). Data-plane views never touch Django's per-request
+    database connections (they use gateway.db.run_db), so here the signal is skipped
+    and the response closed inline: no thread is started or woken per request.
+    """
+
     def load_middleware(self, is_async: bool = False) -> None:
         # BaseHandler reads settings.MIDDLEWARE; give it the data plane's short list
         # for the duration of this one-time set-up.
@@ -38,6 +51,47 @@ class DataPlaneHandler(ASGIHandler):
             super().load_middleware(is_async)
         finally:
             settings.MIDDLEWARE = full
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            body_file.close()
+            if error_response is not None:
+                await self.send_response(error_response, send)
+                error_response.close()
+            return
+
+        async def process_request() -> Any:
+            response = await self.run_get_response(request)
+            # The client may leave while we send; the view has billed by then.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.send_response(response, send)
+            return response
+
+        # As Django does: watch for the client leaving while the response is made,
+        # so a stream's generator is cancelled (and its pump bills what was made).
+        listener = asyncio.create_task(self.listen_for_disconnect(receive))
+        worker = asyncio.create_task(process_request())
+        await asyncio.wait([listener, worker], return_when=asyncio.FIRST_COMPLETED)
+        for task in (listener, worker):
+            if task.done():
+                with contextlib.suppress(RequestAborted):
+                    task.result()
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if not worker.cancelled() and worker.exception() is None:
+            worker.result().close()
+        body_file.close()
 
 
 data_plane = DataPlaneHandler()

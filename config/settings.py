@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -147,7 +148,11 @@ DATABASES["hotpath"] = {
     **DATABASES["default"],
     "CONN_MAX_AGE": 600,
     "CONN_HEALTH_CHECKS": False,
-    "OPTIONS": {k: v for k, v in DATABASES["default"]["OPTIONS"].items() if k != "pool"},
+    "OPTIONS": {
+        k: v
+        for k, v in cast(dict[str, Any], DATABASES["default"]["OPTIONS"]).items()
+        if k != "pool"
+    },
     "TEST": {"MIRROR": "default"},
 }
 DATABASE_ROUTERS = ["gateway.db.HotPathRouter"]

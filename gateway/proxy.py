@@ -739,6 +739,7 @@ class StreamRelay:
 
     def _client_left(self) -> None:
         self.client_gone = True
+        # Only while the pump still reads (a finished Timeout cannot be rescheduled).
         if self._drain_deadline is not None:
             self._drain_deadline.reschedule(
                 asyncio.get_running_loop().time() + STREAM_DRAIN_SECONDS
@@ -793,6 +794,7 @@ class StreamRelay:
             logger.exception("stream pump failed for %s", self.call.request_id)
             failure = upstream.UpstreamError(502, str(exc), "connection", partial=True)
         finally:
+            self._drain_deadline = None  # finished: nothing left to reschedule
             if self.handle.close is not None:
                 # Closing a connection that already died may fail; nothing to do then.
                 with contextlib.suppress(Exception):
