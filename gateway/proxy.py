@@ -34,6 +34,7 @@ from billing import admission, spool
 from billing.ledger import AttemptRecord
 from billing.models import LedgerStatus
 from billing.pricing import Usage, charged_cost_micro_usd, list_cost_micro_usd, micro_usd_to_str
+from billing.writer import ledger_writer
 from gateway import breaker, errors, idempotency, response_cache, upstream, validation
 from gateway.auth import KeyPrincipal, authenticate
 from gateway.db import run_db
@@ -224,7 +225,7 @@ _spool_checked_at_start = False
 async def _write(call: Call, record: AttemptRecord) -> None:
     """The attempt's ledger row, in Postgres or, while it is down, in the durable spool."""
     global _spool_checked_at_start
-    inserted = await run_db(spool.write_or_spool, [record])
+    inserted = await ledger_writer.write(record)
     call.charged_micro_usd += record.charged_cost_micro_usd
     if not inserted:
         _start_replayer()
@@ -409,7 +410,6 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
         )
         if call.claim.replay is not None:
             return _replay(call.claim.replay)
-    ticket: admission.Ticket | None = None
     try:
         call.cache_key = response_cache.key_for(principal, request, endpoint.name, call.model, body)
         if call.cache_key is not None:
@@ -425,9 +425,34 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
             max_output_tokens=_max_output(call, table, chain),
             prices=table.max_prices(*chain),
         )
+    except BaseException:
+        if call.claim is not None:
+            await idempotency.release(call.claim)
+        raise
+    # From here a provider may be called, so the work runs in its own task: a client
+    # that hangs up cancels only its wait, never the call and its ledger row.
+    work = asyncio.get_running_loop().create_task(
+        _settled_attempts(call, table, chain, ticket), context=contextvars.Context()
+    )
+    _background.add(work)
+    work.add_done_callback(_forget)
+    return await asyncio.shield(work)
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _background.discard(task)
+    # The client may have left: nobody else will look at the outcome.
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("request finished after its client left: %s", task.exception())
+
+
+async def _settled_attempts(
+    call: Call, table: RoutingTable, chain: list[str], ticket: admission.Ticket
+) -> HttpResponseBase:
+    try:
         return await _attempts(call, table, chain, ticket)
     except BaseException:
-        if ticket is not None and not ticket.settled:
+        if not ticket.settled:
             await admission.settle(ticket, call.charged_micro_usd)
         if call.claim is not None:
             await idempotency.release(call.claim)
