@@ -126,3 +126,9 @@ lock: $(VENV)/bin/pip-compile ## Regenerate requirements{,-dev}.lock from pyproj
 clean: ## Remove .venv, var/ and caches
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --- soak ---------------------------------------------------------------------------
+
+.PHONY: soak
+soak: $(VENV)/.installed-dev ## The proofs in tests/proofs at soak size: more load, more fuzz examples
+	GATEWAY_SOAK=1 scripts/services.sh test -- $(PY) -m pytest tests/proofs $(PYTEST_ARGS)

@@ -268,7 +268,7 @@ def group_list(request: HttpRequest, page: Query[PageParams]) -> Any:
     return page.of(ModelGroup.objects.all(), GroupOut.of)
 
 
-@router.get("/model-groups/{name}", response={200: GroupOut, **ERRORS})
+@router.get("/model-groups/{path:name}", response={200: GroupOut, **ERRORS})
 def group_get(request: HttpRequest, name: str) -> GroupOut:
     group = ModelGroup.objects.filter(name=name).first()
     if group is None:
@@ -279,7 +279,7 @@ def group_get(request: HttpRequest, name: str) -> GroupOut:
 
 
 @router.put(
-    "/model-groups/{name}",
+    "/model-groups/{path:name}",
     response={200: GroupOut, **ERRORS},
     summary="Set a model's routing policy: strategy, fallbacks, retries, cooldown",
 )
@@ -294,7 +294,7 @@ def group_put(request: HttpRequest, name: str, payload: GroupIn) -> GroupOut:
     return GroupOut.of(services.group_save(actor=ADMIN_ACTOR, name=name, **fields))
 
 
-@router.delete("/model-groups/{name}", response={204: None, **ERRORS})
+@router.delete("/model-groups/{path:name}", response={204: None, **ERRORS})
 def group_delete(request: HttpRequest, name: str) -> tuple[int, None]:
     group = ModelGroup.objects.filter(name=name).first()
     if group is None:
@@ -317,7 +317,7 @@ def alias_list(request: HttpRequest, page: Query[PageParams]) -> Any:
     return page.of(ModelAlias.objects.all(), AliasOut.of)
 
 
-@router.delete("/aliases/{alias}", response={204: None, **ERRORS})
+@router.delete("/aliases/{path:alias}", response={204: None, **ERRORS})
 def alias_delete(request: HttpRequest, alias: str) -> tuple[int, None]:
     found = ModelAlias.objects.filter(alias=alias).first()
     if found is None:

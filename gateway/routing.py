@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import litellm
 from django.conf import settings
 
@@ -35,6 +36,31 @@ litellm.drop_params = False
 # which every OpenAI-compatible server speaks and which honours stop sequences;
 # litellm's default (the Responses API) silently drops them.
 litellm.use_chat_completions_url_for_anthropic_messages = True
+
+
+def _never_follow_redirects() -> None:
+    """litellm's HTTP clients follow redirects; a gateway holding provider keys must not.
+
+    A provider (or anything at an api_base) answering 30x could otherwise bounce the
+    request, credentials included, to another host such as 127.0.0.1. The pass-through
+    path refuses redirects itself (gateway/upstream.py); this covers the litellm path:
+    the OpenAI SDK's shared client and every client litellm's own handler creates.
+    """
+    from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
+
+    litellm.aclient_session = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+    litellm.client_session = httpx.Client(follow_redirects=False, trust_env=False)
+    create = AsyncHTTPHandler.create_client
+
+    def create_without_redirects(self: Any, *args: Any, **kwargs: Any) -> httpx.AsyncClient:
+        client = create(self, *args, **kwargs)
+        client.follow_redirects = False
+        return client
+
+    AsyncHTTPHandler.create_client = create_without_redirects
+
+
+_never_follow_redirects()
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ class Page(Schema, Generic[T]):
 
 class PageParams(Schema):
     limit: int = Field(100, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=1_000_000_000)
 
     def of(self, queryset: Any, shape: Callable[[Any], T]) -> dict[str, Any]:
         """One page of a queryset: only `limit` rows are fetched, plus a count."""

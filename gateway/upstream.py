@@ -305,6 +305,14 @@ _UNSUPPORTED = re.compile(r"does not support parameters:\s*\[([^\]]*)\]")
 
 
 def from_litellm(exc: Exception, *, partial: bool = False) -> UpstreamError:
+    if isinstance(exc, ValueError | TypeError | KeyError) and not hasattr(exc, "status_code"):
+        # Raised while litellm translated the request, before any provider was
+        # called: the request cannot be expressed for this model. The client's to fix.
+        return UpstreamError(
+            400,
+            sanitise(f"The request cannot be translated for this model: {exc}"),
+            provider_code="untranslatable_request",
+        )
     status = int(getattr(exc, "status_code", 0) or 0)
     message = str(getattr(exc, "message", "") or exc)
     if (

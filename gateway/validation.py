@@ -204,8 +204,19 @@ class Parsed:
     fallbacks: tuple[str, ...] | None = None
 
 
+# No provider request nests anywhere near this deep; a body that does is refused
+# before anything recurses into it (or serialises it again for a provider).
+MAX_DEPTH = 64
+
+
 def find_forbidden(value: Any, path: tuple[str, ...] = ()) -> str | None:
     """The dotted path of the first routing/credential override in `value`, if any."""
+    if len(path) > MAX_DEPTH:
+        raise invalid_request(
+            f"The request body is nested more than {MAX_DEPTH} levels deep; flatten it.",
+            param=_dotted(path[:3]) + "…",
+            code="too_deeply_nested",
+        )
     if isinstance(value, dict):
         for key, child in value.items():
             name = str(key)
