@@ -235,8 +235,7 @@ async def _ledger_spend(budget: Budget) -> int:
         return await run_db(ledger_spend, budget)
     except Exception as exc:  # Postgres unreachable: no counter can be trusted yet
         raise GatewayError(
-            "The budget cannot be checked: the gateway's database is unreachable. "
-            "Retry shortly.",
+            "The budget cannot be checked: the gateway's database is unreachable. Retry shortly.",
             503,
             "server_error",
             "database_unavailable",

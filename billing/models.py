@@ -75,6 +75,8 @@ class LedgerEntry(models.Model):
             models.Index(fields=["key_id", "started_at"]),
             models.Index(fields=["started_at"]),
             models.Index(fields=["model", "started_at"]),
+            # The rollups' watermark and the usage pages' live tail select by insert time.
+            models.Index(fields=["created_at"]),
         ]
 
     def __str__(self) -> str:

@@ -19,7 +19,10 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 
+from billing import invoices
+from billing.models import Invoice, InvoiceStatus
 from dashboard.models import Membership, PlatformRole, StaffRole, TeamRole
+from gateway.errors import GatewayError
 from gateway.models import Team, VirtualKey
 
 P = ParamSpec("P")
@@ -123,6 +126,32 @@ class Viewer:
     def can_set_key_limits(self, key: VirtualKey) -> bool:
         return self.can_set_key_limits_in(key.team_id)
 
+    # --- invoices --------------------------------------------------------------------------
+
+    @property
+    def can_manage_invoices(self) -> bool:
+        """Draft, finalize and void: the one thing finance changes, and platform admins."""
+        return self.sees_all_teams
+
+    @property
+    def can_view_invoices(self) -> bool:
+        return self.sees_all_teams or bool(self.admin_team_ids)
+
+    def can_view_invoices_of(self, team_id: int) -> bool:
+        """Team admins read their own team's issued invoices (finalized or void), no drafts."""
+        return self.sees_all_teams or self.team_roles.get(team_id) == TeamRole.ADMIN
+
+    def can_view_invoice(self, team_id: int, status: str) -> bool:
+        if not self.can_view_invoices_of(team_id):
+            return False
+        return self.can_manage_invoices or status != InvoiceStatus.DRAFT
+
+    # --- webhooks and alert recipients ----------------------------------------------------
+
+    def can_manage_notifications(self, team_id: int) -> bool:
+        """Where a team's alerts and events go: its admins, and platform admins."""
+        return self.is_platform_admin or self.team_roles.get(team_id) == TeamRole.ADMIN
+
     # --- row filters (None: everything) --------------------------------------------
 
     def visible_team_ids(self) -> list[int] | None:
@@ -220,6 +249,32 @@ def get_team_for_config(viewer: Viewer, team_id: int) -> Team:
     team = get_team_for_viewer(viewer, team_id)
     require(viewer.can_configure_team(team.id))
     return team
+
+
+def get_team_for_notifications(viewer: Viewer, team_id: int) -> Team:
+    team = get_team_for_viewer(viewer, team_id)
+    require(viewer.can_manage_notifications(team.id))
+    return team
+
+
+def get_invoice_for_viewer(viewer: Viewer, invoice_id: int) -> Invoice:
+    """The invoice with its lines. Another team's, or a draft for a team admin: 404."""
+    try:
+        invoice = invoices.invoice_get(invoice_id=invoice_id)
+    except GatewayError:
+        raise Http404("No such invoice.") from None
+    if not viewer.can_view_team(invoice.team_id):
+        raise Http404("No such invoice.")
+    require(viewer.can_view_invoices_of(invoice.team_id))
+    if not viewer.can_view_invoice(invoice.team_id, invoice.status):
+        raise Http404("No such invoice.")
+    return invoice
+
+
+def get_invoice_for_manager(viewer: Viewer, invoice_id: int) -> Invoice:
+    invoice = get_invoice_for_viewer(viewer, invoice_id)
+    require(viewer.can_manage_invoices)
+    return invoice
 
 
 def get_key_for_viewer(viewer: Viewer, key_id: int) -> VirtualKey:

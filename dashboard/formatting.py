@@ -19,6 +19,16 @@ def usd(micro: int | float | Decimal | None) -> str:
     return f"{sign}${value:,.2f}"
 
 
+def usd_exact(micro: int | None) -> str:
+    """Integer micro-USD to the micro-dollar, as invoices state it: '$1,234.50', '$0.001234'."""
+    if micro is None:
+        return "—"
+    sign = "-" if micro < 0 else ""
+    dollars, fraction = divmod(abs(int(micro)), 1_000_000)
+    digits = f"{fraction:06d}".rstrip("0")
+    return f"{sign}${dollars:,}.{digits.ljust(2, '0')}"
+
+
 def usd_axis(micro: float) -> str:
     value = micro / 1_000_000
     if value == 0:

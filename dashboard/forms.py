@@ -13,8 +13,10 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django import forms
+from django.core.validators import RegexValidator
 from django.utils import timezone
 
+from billing.webhooks import EVENT_TYPES as WEBHOOK_EVENT_TYPES
 from dashboard.models import TeamRole
 from dashboard.services import PLATFORM_ROLES
 from gateway.models import BudgetPeriod, RoutingStrategy, Team, VirtualKey
@@ -509,7 +511,13 @@ class UsageFilter(forms.Form):
     until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
     group_by = forms.ChoiceField(
         required=False,
-        choices=[("", "Nothing"), ("model", "Model"), ("team", "Team"), ("key", "Key")],
+        choices=[
+            ("", "Nothing"),
+            ("model", "Model"),
+            ("team", "Team"),
+            ("key", "Key"),
+            ("tag", "Tag"),
+        ],
     )
 
     def __init__(self, *args: Any, teams: list[tuple[int, str]], **kwargs: Any) -> None:
@@ -572,3 +580,128 @@ class AuditFilterForm(forms.Form):
         field = self.fields["team"]
         assert isinstance(field, forms.TypedChoiceField)
         field.choices = [("", "All teams"), *teams]
+
+
+# --- invoices ----------------------------------------------------------------------------------
+
+MONTH_PATTERN = RegexValidator(r"^\d{4}-(0[1-9]|1[0-2])$", "Use a month as YYYY-MM, e.g. 2026-03.")
+INVOICE_STATUSES = [("draft", "Draft"), ("finalized", "Finalized"), ("void", "Void")]
+
+
+def month_field(**kwargs: Any) -> forms.CharField:
+    return forms.CharField(
+        max_length=7,
+        validators=[MONTH_PATTERN],
+        widget=forms.TextInput(attrs={"placeholder": "YYYY-MM", "inputmode": "numeric"}),
+        **kwargs,
+    )
+
+
+class InvoiceFilterForm(forms.Form):
+    team = forms.TypedChoiceField(coerce=int, required=False, empty_value=None)
+    status = forms.ChoiceField(required=False)
+    period = month_field(required=False, label="Month")
+
+    def __init__(
+        self,
+        *args: Any,
+        teams: list[tuple[int, str]],
+        statuses: list[tuple[str, str]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        team = self.fields["team"]
+        assert isinstance(team, forms.TypedChoiceField)
+        team.choices = [("", "All teams"), *teams]
+        status = self.fields["status"]
+        assert isinstance(status, forms.ChoiceField)
+        status.choices = [("", "Any status"), *statuses]
+
+
+class InvoiceDraftForm(forms.Form):
+    team = forms.TypedChoiceField(coerce=int)
+    month = month_field(help_text="A month that has ended in the team's timezone.")
+
+    def __init__(self, *args: Any, teams: list[tuple[int, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        team = self.fields["team"]
+        assert isinstance(team, forms.TypedChoiceField)
+        team.choices = teams
+
+    def year_month(self) -> tuple[int, int]:
+        year, month = self.cleaned_data["month"].split("-")
+        return int(year), int(month)
+
+
+class InvoiceVoidForm(forms.Form):
+    reason = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "e.g. Wrong markup applied"}),
+        help_text="Kept on the invoice. Only the team's latest finalized invoice can be voided.",
+    )
+
+    def clean_reason(self) -> str:
+        reason = str(self.cleaned_data["reason"]).strip()
+        if not reason:
+            raise forms.ValidationError("Say why the invoice is voided.")
+        return reason
+
+
+# --- webhooks and alert recipients --------------------------------------------------------------
+
+
+class WebhookForm(forms.Form):
+    url = forms.CharField(
+        max_length=2000,
+        label="URL",
+        help_text="http(s) on a public host. Each event is POSTed here as JSON, signed.",
+        widget=forms.TextInput(attrs={"placeholder": "https://example.com/hooks/gateway"}),
+    )
+    events = forms.MultipleChoiceField(
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        choices=[(event, event) for event in WEBHOOK_EVENT_TYPES],
+        help_text="None ticked: every event, including types added later.",
+    )
+    description = forms.CharField(max_length=500, required=False)
+    enabled = forms.BooleanField(
+        required=False, initial=True, label="Enabled (deliveries are made)"
+    )
+
+    FIELDS = ("url", "events", "description", "enabled")
+
+    def __init__(self, *args: Any, creating: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if creating:
+            del self.fields["enabled"]
+
+    @classmethod
+    def initial_for(cls, endpoint: Any) -> dict[str, Any]:
+        return {name: getattr(endpoint, name) for name in cls.FIELDS}
+
+    def clean_url(self) -> str:
+        return str(self.cleaned_data["url"]).strip()
+
+    def to_fields(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        fields = {
+            "url": data["url"],
+            "events": list(data["events"]),
+            "description": data["description"].strip(),
+        }
+        if "enabled" in self.fields:
+            fields["enabled"] = data["enabled"]
+        return fields
+
+
+class AlertRecipientsForm(forms.Form):
+    alert_emails = forms.CharField(
+        required=False,
+        max_length=5000,
+        label="Alert recipients",
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "ops@example.com"}),
+        help_text="Email addresses, one per line or comma-separated. Budget alerts go here.",
+    )
+
+    def recipients(self) -> list[str]:
+        return parse_name_list(self.cleaned_data.get("alert_emails") or "")

@@ -1,9 +1,11 @@
 """Who may do what in the dashboard.
 
 Platform roles live outside any team: a superuser is the platform admin, and a
-`StaffRole(role="finance")` row makes a user finance (read-only over every team's
-money). Team roles are `Membership` rows: a team admin manages their team's
-members, keys and limits; a member sees their own keys and usage.
+`StaffRole(role="finance")` row makes a user finance: read-only over every team's
+money, except invoices, which finance drafts, finalizes and voids. Team roles are
+`Membership` rows: a team admin manages their team's members, keys, limits, webhooks
+and alert recipients, and reads its issued invoices; a member sees their own keys and
+usage.
 """
 
 from __future__ import annotations

@@ -1,31 +1,52 @@
 """Reads for the dashboard pages.
 
-Usage figures are aggregated in SQL straight from the ledger, always inside a
-bounded time window, on the ledger's indexes ((team_id, started_at),
-(key_id, started_at), (model, started_at), (started_at)). When billing exposes
-rollup selectors, only the functions under "usage" change: the pages consume the
-dataclasses returned here, never querysets of ledger rows.
+Usage figures (spend, tokens, requests, errors) come from billing.usage: its rollups
+plus the live tail of the ledger, exact to the row, for any window. Latency
+percentiles, which rollups cannot give, come from a bounded sample of the ledger (the
+latest requests of the last day). The request log reads the ledger a page at a time,
+on its indexes. The pages consume the dataclasses returned here, never querysets of
+ledger rows.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.core.paginator import Page, Paginator
-from django.db import connection, transaction
-from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db import connection
+from django.db.models import (
+    Count,
+    IntegerField,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+)
 from django.db.models.functions import Coalesce, Trunc
 from django.utils import timezone
 
-from billing.models import LedgerEntry, LedgerKind, LedgerStatus
+from billing import invoices, notifications, usage, webhooks
+from billing.models import (
+    Invoice,
+    InvoiceLine,
+    InvoiceLineKind,
+    InvoiceStatus,
+    LedgerEntry,
+    LedgerKind,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from billing.periods import current_period, zone
 from dashboard.access import Viewer
 from dashboard.models import Membership
@@ -40,11 +61,6 @@ from gateway.models import (
 )
 
 PAGE_SIZE = 25
-# Statuses counted as failures in error rates. A client that hung up is not an error
-# of the gateway or the provider.
-ERROR_STATUSES = (LedgerStatus.ERROR, LedgerStatus.PARTIAL)
-_IS_CHARGE = Q(kind=LedgerKind.CHARGE)
-_IS_ERROR = Q(kind=LedgerKind.CHARGE, status__in=ERROR_STATUSES)
 
 
 def paginate(
@@ -104,11 +120,23 @@ def day_window(first: date, last: date, tz_name: str, label: str = "") -> Window
 
 
 # --- usage -----------------------------------------------------------------------------------
+# Spend, tokens, requests and errors come from billing.usage: the rollups plus the live
+# tail of the ledger, exact to the row whatever the window. Latency cannot (the rollups
+# keep no histograms), so it is read from the ledger itself, bounded twice: the last
+# LATENCY_HOURS of the window, and the latest LATENCY_ROWS requests of those. The pages
+# say which requests the percentiles describe.
+
+LATENCY_HOURS = 24
+LATENCY_ROWS = 20_000
+# Regrouping hourly rollups into local days reads 24 times the rows of the daily ones
+# (which are UTC days): done for one team or key over a month at most; otherwise the
+# charts show UTC days and say so.
+LOCAL_DAYS_MAX_DAYS = 35
 
 
 @dataclass(frozen=True)
 class LedgerScope:
-    """Which ledger rows a figure covers: the viewer's rows, narrowed by the filters."""
+    """Which ledger rows a list covers (the request log, latency samples)."""
 
     viewer_q: Q | None
     window: Window | None = None
@@ -138,6 +166,209 @@ def _ledger(scope: LedgerScope) -> QuerySet[LedgerEntry]:
     return rows
 
 
+@dataclass(frozen=True)
+class UsageScope:
+    """Which usage a figure covers: the viewer's, narrowed by the filters."""
+
+    viewer: Viewer
+    window: Window
+    team_id: int | None = None
+    key_id: int | None = None
+    model: str = ""
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class Visible:
+    """The usage a viewer who does not see every team sees: whole teams, and own keys."""
+
+    teams: frozenset[int]
+    keys: frozenset[int]
+
+    def allows(self, team_id: int, key_id: int) -> bool:
+        return team_id in self.teams or key_id in self.keys
+
+    def ledger_q(self) -> Q | None:
+        """The same as a filter on LedgerEntry (None: nothing at all)."""
+        parts = []
+        if self.teams:
+            parts.append(Q(team_id__in=sorted(self.teams)))
+        if self.keys:
+            parts.append(Q(key_id__in=sorted(self.keys)))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else parts[0] | parts[1]
+
+
+def visible_usage(viewer: Viewer) -> Visible | None:
+    """None for those who see every team; else one query at most (a member's own keys)."""
+    if viewer.sees_all_teams:
+        return None
+    keys: frozenset[int] = frozenset()
+    if viewer.member_team_ids:
+        keys = frozenset(
+            VirtualKey.objects.filter(
+                team_id__in=viewer.member_team_ids, owner_id=viewer.user_id
+            ).values_list("id", flat=True)
+        )
+    return Visible(frozenset(viewer.admin_team_ids), keys)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to ask billing.usage for a scope: the filters it applies, and what is left to us.
+
+    billing.usage filters by one team or one key. A viewer whose scope is several teams,
+    or their own keys in a team, gets one call grouped by team and key as well, and the
+    groups outside their scope are dropped here: one call whatever the number of teams.
+    """
+
+    team_id: int | None
+    key_id: int | None
+    keep: Visible | None  # None: every row billing.usage returns is the viewer's
+    nothing: bool = False
+
+    @property
+    def narrow(self) -> bool:
+        """One team or one key: few enough hourly rows to regroup into local days."""
+        return self.team_id is not None or self.key_id is not None
+
+
+def _plan(scope: UsageScope, visible: Visible | None) -> _Plan:
+    team_id, key_id = scope.team_id, scope.key_id
+    if visible is None or (team_id is not None and team_id in visible.teams):
+        return _Plan(team_id, key_id, None)
+    if key_id is not None and key_id in visible.keys:
+        return _Plan(team_id, key_id, None)
+    if team_id is None and key_id is None:
+        if not visible.teams and not visible.keys:
+            return _Plan(None, None, visible, nothing=True)
+        if len(visible.teams) == 1 and not visible.keys:
+            return _Plan(next(iter(visible.teams)), None, None)
+        if not visible.teams and len(visible.keys) == 1:
+            return _Plan(None, next(iter(visible.keys)), None)
+    return _Plan(team_id, key_id, visible)
+
+
+def _report(
+    scope: UsageScope, plan: _Plan, *, dims: Sequence[str], bucket: str | None
+) -> list[dict[str, Any]]:
+    """billing.usage.usage_report for the scope, narrowed to what the viewer sees."""
+    if plan.nothing:
+        return []
+    extra: tuple[str, ...] = ()
+    if plan.keep is not None:
+        # Grouped by what decides visibility: the team, and the key only for own keys
+        # (a key per group multiplies the groups, and Python reads every one).
+        extra = ("team_id", "key_id") if plan.keep.keys else ("team_id",)
+    group_by: Any = tuple(dict.fromkeys((*extra, *dims)))
+    rows = usage.usage_report(
+        since=scope.window.since,
+        until=scope.window.until,
+        team_id=plan.team_id,
+        key_id=plan.key_id,
+        model=scope.model or None,
+        tag=scope.tag or None,
+        group_by=group_by,
+        bucket=bucket,  # type: ignore[arg-type]
+    )
+    if plan.keep is not None:
+        keep = plan.keep
+        rows = [row for row in rows if keep.allows(row["team_id"], row.get("key_id", -1))]
+    return rows
+
+
+# --- chart axes ----------------------------------------------------------------------------------
+
+
+def _offsets(window: Window) -> set[timedelta]:
+    """The window's UTC offsets at each local midnight."""
+    out = set()
+    day = window.first_day
+    while day <= window.last_day:
+        offset = datetime(day.year, day.month, day.day, tzinfo=window.tz).utcoffset()
+        out.add(offset or timedelta(0))
+        day += timedelta(days=1)
+    return out
+
+
+@dataclass(frozen=True)
+class Axis:
+    """The buckets of a chart, and how billing.usage's buckets fall into them.
+
+    `source` is the bucket read from billing.usage (UTC hours or UTC days). Days and
+    weeks are calendar days in `tz`: the window's timezone, or UTC when regrouping
+    hours into local days would cost too much (`utc_days`).
+    """
+
+    kind: str  # hour | day | week
+    source: str  # hour | day
+    tz: ZoneInfo
+    starts: list[datetime]
+    utc_days: bool = False
+
+    def _position(self, moment: datetime) -> Any:
+        if self.kind == "hour":
+            return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        day = moment.astimezone(self.tz).date()
+        return day - timedelta(days=day.weekday()) if self.kind == "week" else day
+
+    def index(self, moment: datetime) -> int | None:
+        positions = self.__dict__.get("_positions")
+        if positions is None:
+            positions = {self._position(start): i for i, start in enumerate(self.starts)}
+            object.__setattr__(self, "_positions", positions)
+        return positions.get(self._position(moment))
+
+    def label(self, start: datetime) -> str:
+        if self.kind == "hour":
+            return f"{start:%d %b %H:%M}" if start.minute else f"{start:%d %b %H:00}"
+        return f"{start:%d %b}"
+
+
+def axis_for(window: Window, kind: str, *, narrow: bool) -> Axis:
+    if kind == "hour":
+        # UTC hours (what the rollups hold), shown in the window's timezone.
+        starts = []
+        cursor = window.since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        while cursor < window.until:
+            starts.append(cursor.astimezone(window.tz))
+            cursor += timedelta(hours=1)
+        return Axis("hour", "hour", window.tz, starts)
+    offsets = _offsets(window)
+    if offsets == {timedelta(0)}:  # UTC itself, or London in winter
+        tz, source, utc_days = window.tz, "day", False
+    elif (
+        kind == "day"
+        and narrow
+        and window.days <= LOCAL_DAYS_MAX_DAYS
+        # Local midnights on UTC hours (not India's or Nepal's): whole hours regroup.
+        and all(offset % timedelta(hours=1) == timedelta(0) for offset in offsets)
+    ):
+        tz, source, utc_days = window.tz, "hour", False
+    else:
+        tz, source, utc_days = ZoneInfo("UTC"), "day", True
+    first = window.since.astimezone(tz).date()
+    last = (window.until - timedelta(microseconds=1)).astimezone(tz).date()
+    if kind == "week":
+        first -= timedelta(days=first.weekday())
+    step = 7 if kind == "week" else 1
+    starts = [
+        datetime(d.year, d.month, d.day, tzinfo=tz)
+        for d in (first + timedelta(days=i) for i in range(0, (last - first).days + 1, step))
+    ]
+    return Axis(kind, source, tz, starts, utc_days)
+
+
+def bucket_for(window: Window) -> str:
+    if window.days <= 2:
+        return "hour"
+    return "day" if window.days <= 92 else "week"
+
+
+# --- totals and the overview ---------------------------------------------------------------------
+
+
 @dataclass
 class Totals:
     requests: int = 0
@@ -153,6 +384,14 @@ class Totals:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Add one billing.usage row."""
+        self.requests += row["requests"]
+        self.errors += row["errors"]
+        self.spend_micro_usd += row["charged_cost_micro_usd"]
+        self.prompt_tokens += row["prompt_tokens"]
+        self.completion_tokens += row["completion_tokens"]
 
 
 @dataclass(frozen=True)
@@ -172,11 +411,30 @@ class KeyUsage:
     spend_micro_usd: int
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Latency percentiles of a bounded sample of the ledger, and what the sample is."""
+
+    p50_ms: int | None
+    p95_ms: int | None
+    requests: int
+    since: datetime  # the sample is the latest requests in [since, until)
+    until: datetime
+    capped: bool  # more requests than LATENCY_ROWS in the range: the latest of them only
+    oldest: datetime | None = None  # the earliest request in the sample
+    # (UTC hour, p50, p95) for each hour with requests in the sample.
+    by_hour: tuple[tuple[datetime, int, int], ...] = ()
+
+    @property
+    def hours(self) -> int:
+        return round((self.until - self.since).total_seconds() / 3600)
+
+
 @dataclass
 class Overview:
     totals: Totals
-    p50_ms: int | None
-    p95_ms: int | None
+    latency: Latency
+    axis: Axis
     days: list[date]
     # model → spend per day, aligned with `days`
     spend_by_model: dict[str, list[int]]
@@ -187,214 +445,87 @@ class Overview:
     # Spend per team in this window (within the viewer's scope).
     spend_by_team: dict[int, int]
 
+    @property
+    def p50_ms(self) -> int | None:
+        return self.latency.p50_ms
 
-def _percentile(histogram: list[tuple[int, int]], fraction: float) -> int | None:
-    """Nearest-rank percentile from (value, count) pairs sorted by value."""
-    total = sum(n for _, n in histogram)
-    if not total:
-        return None
-    rank = max(1, int(-(-fraction * total // 1)))  # ceil, in integers
-    seen = 0
-    for value, n in histogram:
-        seen += n
-        if seen >= rank:
-            return value
-    return histogram[-1][0]
+    @property
+    def p95_ms(self) -> int | None:
+        return self.latency.p95_ms
 
 
-def _days(window: Window) -> list[date]:
-    first = window.since.astimezone(window.tz).date()
-    last = (window.until - timedelta(microseconds=1)).astimezone(window.tz).date()
-    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
-
-
-def usage_overview(scope: LedgerScope, *, top: int = 5) -> Overview:
-    """Totals, latency percentiles, spend per day and model, top models and keys."""
-    assert scope.window is not None
-    window = scope.window
-    days = _days(window)
-    index = {day: i for i, day in enumerate(days)}
+def usage_overview(scope: UsageScope, *, top: int = 5) -> Overview:
+    """Totals, spend per day and model, top models and keys (billing.usage), and latency."""
+    visible = visible_usage(scope.viewer)
+    plan = _plan(scope, visible)
+    axis = axis_for(scope.window, "day", narrow=plan.narrow)
+    days = [start.date() for start in axis.starts]
     totals = Totals()
     spend_by_model: dict[str, list[int]] = {}
     requests_by_day = [0] * len(days)
     errors_by_day = [0] * len(days)
     per_model: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    if connection.vendor == "postgresql":
-        by_day_model, by_key, by_team, histogram = _overview_one_scan(scope)
-    else:
-        by_day_model, by_key, by_team, histogram = _overview_queries(scope)
+    # Two calls, each with few groups: grouping by day, key and model at once makes
+    # tens of thousands of groups on a busy gateway, and Python's share of reading
+    # them costs more than the second read of the ledger's live tail.
+    by_day_model = _report(scope, plan, dims=("model",), bucket=axis.source)
+    by_key = _report(scope, plan, dims=("team_id", "key_id"), bucket=None)
     for row in by_day_model:
-        spend, prompt, completion = row["spend"] or 0, row["prompt"] or 0, row["completion"] or 0
-        totals.requests += row["requests"]
-        totals.errors += row["errors"]
-        totals.spend_micro_usd += spend
-        totals.prompt_tokens += prompt
-        totals.completion_tokens += completion
-        day = row["day"].astimezone(window.tz).date()
-        if day in index:
+        totals.add(row)
+        spend = row["charged_cost_micro_usd"]
+        i = axis.index(row["bucket_start"])
+        if i is not None:
             series = spend_by_model.setdefault(row["model"], [0] * len(days))
-            series[index[day]] += spend
-            requests_by_day[index[day]] += row["requests"]
-            errors_by_day[index[day]] += row["errors"]
+            series[i] += spend
+            requests_by_day[i] += row["requests"]
+            errors_by_day[i] += row["errors"]
         agg = per_model[row["model"]]
         agg[0] += row["requests"]
-        agg[1] += prompt + completion
+        agg[1] += row["prompt_tokens"] + row["completion_tokens"]
         agg[2] += spend
+    per_key: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])
+    spend_by_team: dict[int, int] = defaultdict(int)
+    for row in by_key:
+        agg = per_key[(row["team_id"], row["key_id"])]
+        agg[0] += row["charged_cost_micro_usd"]
+        agg[1] += row["requests"]
+        spend_by_team[row["team_id"]] += row["charged_cost_micro_usd"]
     top_models = sorted(
         (ModelUsage(model, *values) for model, values in per_model.items()),
         key=lambda m: (-m.spend_micro_usd, -m.requests, m.model),
     )[:top]
+    top_keys = sorted(per_key.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))[:top]
     return Overview(
         totals=totals,
-        p50_ms=_percentile(histogram, 0.50),
-        p95_ms=_percentile(histogram, 0.95),
+        latency=latency_sample(scope, visible),
+        axis=axis,
         days=days,
         spend_by_model=spend_by_model,
         requests_by_day=requests_by_day,
         errors_by_day=errors_by_day,
         top_models=top_models,
         top_keys=_key_usage(
-            sorted(by_key, key=lambda r: (-(r["spend"] or 0), -r["requests"]))[:top]
+            [
+                {"key_id": key_id or None, "spend": spend, "requests": requests}
+                for (_team, key_id), (spend, requests) in top_keys
+            ]
         ),
-        spend_by_team={row["team_id"]: row["spend"] or 0 for row in by_team},
+        spend_by_team=dict(spend_by_team),
     )
 
 
-_Rows = list[dict[str, Any]]
-# Bits of GROUPING(day, model, key_id, team_id, latency_ms): 1 where a column is not grouped.
-_BY_DAY_MODEL, _BY_KEY, _BY_TEAM, _BY_LATENCY = 0b00111, 0b11011, 0b11101, 0b11110
-_ONE_SCAN_SQL = """
-SELECT GROUPING(day, model, key_id, team_id, latency_ms),
-       day, model, key_id, team_id, latency_ms,
-       COUNT(*) FILTER (WHERE kind = 'charge'),
-       COUNT(*) FILTER (WHERE kind = 'charge' AND status IN ('error', 'partial')),
-       SUM(charged_cost_micro_usd), SUM(prompt_tokens), SUM(completion_tokens)
-FROM ({inner}) AS scope
-GROUP BY GROUPING SETS ((day, model), (key_id), (team_id), (latency_ms))
-"""
-
-
-@contextmanager
-def _aggregating() -> Iterator[None]:
-    """Settings for one large aggregate, in a transaction of its own.
-
-    Postgres cannot estimate how many groups a day-truncated timestamp makes, so it
-    assumes one per row and plans a sort of every row; a generous work_mem lets it
-    hash instead (the tables hold a few thousand groups, a few MB; a larger one
-    would spill to disk, not fail). JIT compilation costs more than it saves on a
-    query that runs once for a few hundred milliseconds.
-    """
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off")
-        yield
-
-
-def _overview_one_scan(scope: LedgerScope) -> tuple[_Rows, _Rows, _Rows, list[tuple[int, int]]]:
-    """Every overview figure from a single pass over the window's ledger rows.
-
-    GROUPING SETS feed four hash tables from one scan (per day and model, per key,
-    per team, and a histogram of whole milliseconds for exact percentiles), where
-    separate queries would read the same rows four times.
-    """
-    assert scope.window is not None
-    inner = (
-        _ledger(scope)
-        .annotate(day=Trunc("started_at", "day", tzinfo=scope.window.tz))
-        .values(
-            "day",
-            "model",
-            "key_id",
-            "team_id",
-            "latency_ms",
-            "kind",
-            "status",
-            "charged_cost_micro_usd",
-            "prompt_tokens",
-            "completion_tokens",
-        )
-        .order_by()
+def _key_usage(grouped: list[dict[str, Any]]) -> list[KeyUsage]:
+    ids = [r["key_id"] for r in grouped if r["key_id"] is not None]
+    names = (
+        {
+            key.id: key
+            for key in VirtualKey.objects.filter(id__in=ids)
+            .select_related("team")
+            .only("id", "name", "team__name")
+        }
+        if ids
+        else {}
     )
-    inner_sql, params = inner.query.sql_with_params()
-    # The ORM's own SQL, with its parameters passed separately: nothing typed by a
-    # user is ever formatted into the string.
-    sql = _ONE_SCAN_SQL.replace("{inner}", inner_sql)
-    by_day_model: _Rows = []
-    by_key: _Rows = []
-    by_team: _Rows = []
-    histogram: list[tuple[int, int]] = []
-    with _aggregating(), connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        for row in cursor:
-            grouping, day, model, key_id, team_id, latency = row[:6]
-            # SUM(bigint) is numeric in Postgres: back to whole micro-USD and tokens.
-            requests, errors, spend, prompt, out = (int(v or 0) for v in row[6:])
-            if grouping == _BY_DAY_MODEL:
-                by_day_model.append(
-                    {
-                        "day": day,
-                        "model": model,
-                        "requests": requests,
-                        "errors": errors,
-                        "spend": spend,
-                        "prompt": prompt,
-                        "completion": out,
-                    }
-                )
-            elif grouping == _BY_KEY:
-                by_key.append({"key_id": key_id, "spend": spend, "requests": requests})
-            elif grouping == _BY_TEAM:
-                by_team.append({"team_id": team_id, "spend": spend})
-            elif grouping == _BY_LATENCY and requests:
-                histogram.append((latency, requests))
-    histogram.sort()
-    return by_day_model, by_key, by_team, histogram
-
-
-def _overview_queries(scope: LedgerScope) -> tuple[_Rows, _Rows, _Rows, list[tuple[int, int]]]:
-    """The same figures with portable queries (SQLite has no GROUPING SETS)."""
-    assert scope.window is not None
-    rows = _ledger(scope)
-    by_day_model = (
-        rows.annotate(day=Trunc("started_at", "day", tzinfo=scope.window.tz))
-        .values("day", "model")
-        .annotate(
-            requests=Count("id", filter=_IS_CHARGE),
-            errors=Count("id", filter=_IS_ERROR),
-            spend=Sum("charged_cost_micro_usd"),
-            prompt=Sum("prompt_tokens"),
-            completion=Sum("completion_tokens"),
-        )
-        .order_by()
-    )
-    by_key = (
-        rows.values("key_id")
-        .annotate(spend=Sum("charged_cost_micro_usd"), requests=Count("id", filter=_IS_CHARGE))
-        .order_by()
-    )
-    by_team = rows.values("team_id").annotate(spend=Sum("charged_cost_micro_usd")).order_by()
-    histogram = (
-        rows.filter(_IS_CHARGE)
-        .values_list("latency_ms")
-        .annotate(n=Count("*"))
-        .order_by("latency_ms")
-    )
-    return (
-        [dict(row) for row in by_day_model],
-        [dict(row) for row in by_key],
-        [dict(row) for row in by_team],
-        [(int(latency), int(n)) for latency, n in histogram],
-    )
-
-
-def _key_usage(grouped: _Rows) -> list[KeyUsage]:
-    names = {
-        key.id: key
-        for key in VirtualKey.objects.filter(id__in=[r["key_id"] for r in grouped])
-        .select_related("team")
-        .only("id", "name", "team__name")
-    }
     out = []
     for row in grouped:
         key = names.get(row["key_id"])
@@ -412,86 +543,153 @@ def _key_usage(grouped: _Rows) -> list[KeyUsage]:
     return out
 
 
+# --- latency -----------------------------------------------------------------------------------
+
+_LATENCY_SQL = """
+SELECT GROUPING(hour), hour,
+       percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms),
+       percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms),
+       COUNT(*), MIN(started_at)
+FROM ({inner}) AS sample
+GROUP BY GROUPING SETS ((hour), ())
+"""
+
+
+def _nearest_rank(ordered: list[int], fraction: float) -> int | None:
+    """The nearest-rank percentile of sorted values (what Postgres' percentile_disc gives)."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def latency_sample(
+    scope: UsageScope, visible: Visible | None, now: datetime | None = None
+) -> Latency:
+    """p50 and p95 of the latest requests (at most LATENCY_ROWS) in the window's last
+    LATENCY_HOURS: one query that walks an index backwards from the newest row, so it
+    costs the same on a ledger of a thousand rows or a billion."""
+    now = now or timezone.now()
+    until = min(scope.window.until, now)
+    since = max(scope.window.since, until - timedelta(hours=LATENCY_HOURS))
+    empty = Latency(None, None, 0, since, until, False)
+    viewer_q = visible.ledger_q() if visible is not None else None
+    if since >= until or (visible is not None and viewer_q is None):
+        return empty
+    rows = _ledger(
+        LedgerScope(
+            viewer_q=viewer_q,
+            window=Window(since, until, scope.window.tz, ""),
+            team_id=scope.team_id,
+            key_id=scope.key_id,
+            model=scope.model,
+            tag=scope.tag,
+        )
+    ).filter(kind=LedgerKind.CHARGE)
+    latest = (
+        rows.annotate(hour=Trunc("started_at", "hour", tzinfo=UTC))
+        .order_by("-started_at")
+        .values("hour", "latency_ms", "started_at")[:LATENCY_ROWS]
+    )
+    overall: tuple[int | None, int | None, int, datetime | None] = (None, None, 0, None)
+    hours: list[tuple[datetime, int, int]] = []
+    if connection.vendor == "postgresql":
+        inner_sql, params = latest.query.sql_with_params()
+        # The ORM's own SQL, its parameters passed separately: nothing typed by a user
+        # is formatted into the string.
+        with connection.cursor() as cursor:
+            cursor.execute(_LATENCY_SQL.replace("{inner}", inner_sql), params)
+            for grouping, hour, p50, p95, count, oldest in cursor:
+                if grouping:
+                    overall = (p50, p95, int(count), oldest)
+                else:
+                    # Truncated "AT TIME ZONE 'UTC'": a naive UTC timestamp.
+                    hours.append((hour.replace(tzinfo=UTC), p50, p95))
+    else:
+        sample = [(r["hour"], r["latency_ms"], r["started_at"]) for r in latest]
+        per_hour: dict[datetime, list[int]] = defaultdict(list)
+        for hour, latency, _ in sample:
+            per_hour[hour].append(latency)
+        everything = sorted(latency for _, latency, _ in sample)
+        overall = (
+            _nearest_rank(everything, 0.5),
+            _nearest_rank(everything, 0.95),
+            len(sample),
+            min((s for _, _, s in sample), default=None),
+        )
+        for hour, values in per_hour.items():
+            values.sort()
+            p50_hour, p95_hour = _nearest_rank(values, 0.5), _nearest_rank(values, 0.95)
+            assert p50_hour is not None and p95_hour is not None
+            hours.append((hour, p50_hour, p95_hour))
+    hours.sort()
+    p50, p95, count, oldest = overall
+    return Latency(p50, p95, count, since, until, count >= LATENCY_ROWS, oldest, tuple(hours))
+
+
+# --- the usage explorer --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class SeriesRow:
     bucket: datetime
+    label: str
     group: str
     requests: int
     errors: int
     prompt_tokens: int
     completion_tokens: int
     spend_micro_usd: int
-    avg_latency_ms: int | None
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
 
-GROUP_FIELDS = {"model": "model", "team": "team_id", "key": "key_id"}
+GROUP_FIELDS = {"model": "model", "team": "team_id", "key": "key_id", "tag": "tag"}
 
 
-def bucket_for(window: Window) -> str:
-    if window.days <= 2:
-        return "hour"
-    return "day" if window.days <= 92 else "week"
+@dataclass
+class Series:
+    axis: Axis
+    rows: list[SeriesRow]
 
 
-def buckets(window: Window, kind: str) -> list[datetime]:
-    """Every bucket start in the window, in the window's timezone."""
-    start = window.since.astimezone(window.tz)
-    if kind == "hour":
-        current = start.replace(minute=0, second=0, microsecond=0)
-        step = timedelta(hours=1)
-    else:
-        current = start.replace(hour=0, minute=0, second=0, microsecond=0)
-        if kind == "week":
-            current -= timedelta(days=current.weekday())
-        step = timedelta(days=7 if kind == "week" else 1)
-    out = []
-    while current < window.until:
-        out.append(current)
-        # Calendar arithmetic in local time, so DST days stay aligned to midnight.
-        naive = current.replace(tzinfo=None) + step
-        current = naive.replace(tzinfo=window.tz)
-    return out
-
-
-def usage_series(scope: LedgerScope, *, bucket: str, group_by: str = "") -> list[SeriesRow]:
-    """Requests, errors, tokens, spend and mean latency per time bucket (and group): 1-2 queries."""
-    assert scope.window is not None
-    group_field = GROUP_FIELDS.get(group_by)
-    keys = ["bucket", group_field] if group_field else ["bucket"]
-    grouped = (
-        _ledger(scope)
-        .annotate(bucket=Trunc("started_at", bucket, tzinfo=scope.window.tz))
-        .values(*keys)
-        .annotate(
-            requests=Count("id", filter=_IS_CHARGE),
-            errors=Count("id", filter=_IS_ERROR),
-            prompt=Sum("prompt_tokens"),
-            completion=Sum("completion_tokens"),
-            spend=Sum("charged_cost_micro_usd"),
-            latency=Sum("latency_ms", filter=_IS_CHARGE),
-        )
-        .order_by("bucket", *([group_field] if group_field else []))
-    )
-    with _aggregating():
-        rows = list(grouped)
-    labels = group_labels(group_by, [row[group_field] for row in rows] if group_field else [])
-    return [
+def usage_series(scope: UsageScope, *, kind: str, group_by: str = "") -> Series:
+    """Requests, errors, tokens and spend per time bucket (and group), from billing.usage."""
+    plan = _plan(scope, visible_usage(scope.viewer))
+    axis = axis_for(scope.window, kind, narrow=plan.narrow)
+    dim = GROUP_FIELDS.get(group_by)
+    sums: dict[tuple[int, Any], list[int]] = defaultdict(lambda: [0] * 5)
+    for row in _report(scope, plan, dims=(dim,) if dim else (), bucket=axis.source):
+        i = axis.index(row["bucket_start"])
+        if i is None:  # cannot happen: the axis covers the window
+            continue
+        value = row[dim] if dim else ""
+        if dim == "key_id" and value == 0:
+            value = None  # billing.usage's "no key"
+        agg = sums[(i, value)]
+        agg[0] += row["requests"]
+        agg[1] += row["errors"]
+        agg[2] += row["prompt_tokens"]
+        agg[3] += row["completion_tokens"]
+        agg[4] += row["charged_cost_micro_usd"]
+    labels = group_labels(group_by, [value for _, value in sums]) if dim else {}
+    out = [
         SeriesRow(
-            bucket=row["bucket"].astimezone(scope.window.tz),
-            group=labels.get(row[group_field], str(row[group_field])) if group_field else "",
-            requests=row["requests"],
-            errors=row["errors"],
-            prompt_tokens=row["prompt"] or 0,
-            completion_tokens=row["completion"] or 0,
-            spend_micro_usd=row["spend"] or 0,
-            avg_latency_ms=round(row["latency"] / row["requests"]) if row["requests"] else None,
+            bucket=axis.starts[i],
+            label=axis.label(axis.starts[i]),
+            group=labels.get(value, str(value)) if dim else "",
+            requests=agg[0],
+            errors=agg[1],
+            prompt_tokens=agg[2],
+            completion_tokens=agg[3],
+            spend_micro_usd=agg[4],
         )
-        for row in rows
+        for (i, value), agg in sums.items()
     ]
+    out.sort(key=lambda r: (r.bucket, -r.spend_micro_usd, r.group))
+    return Series(axis, out)
 
 
 def group_labels(group_by: str, values: Iterable[Any]) -> dict[Any, str]:
@@ -512,52 +710,62 @@ def group_labels(group_by: str, values: Iterable[Any]) -> dict[Any, str]:
 # --- budgets ---------------------------------------------------------------------------------
 
 
-def _window_q(field_name: str, ids: list[int], kind: str, tz_name: str, now: datetime) -> Q:
-    period = current_period(kind, tz_name, now)
-    q = Q(**{f"{field_name}__in": ids})
-    if period.start is not None:
-        q &= Q(started_at__gte=period.start, started_at__lt=period.end)
-    return q
+def _period_spend(
+    dimension: str,
+    windows: dict[tuple[datetime | None, datetime | None], list[int]],
+    earliest: dict[tuple[datetime | None, datetime | None], datetime],
+    now: datetime,
+) -> dict[int, int]:
+    """Spend per team (or key) id in each id's window: one billing.usage call per window."""
+    spent: dict[int, int] = defaultdict(int)
+    for (start, end), ids in windows.items():
+        # A never-resetting credit covers everything since the team (or key) began.
+        since = start or earliest[(start, end)].astimezone(UTC).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        until = end or now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
+            hours=2
+        )
+        single = ids[0] if len(ids) == 1 else None
+        rows = usage.usage_report(
+            since=since,
+            until=until,
+            team_id=single if dimension == "team_id" else None,
+            key_id=single if dimension == "key_id" else None,
+            group_by=("team_id",) if dimension == "team_id" else ("key_id",),
+        )
+        wanted = set(ids)
+        for row in rows:
+            if row[dimension] in wanted:
+                spent[row[dimension]] += row["charged_cost_micro_usd"]
+    return dict(spent)
 
 
 def team_period_spend(teams: Sequence[Team], now: datetime | None = None) -> dict[int, int]:
-    """Each team's spend in its own current budget period: one query for the lot."""
+    """Each team's spend in its own current budget period: one billing.usage call per
+    distinct period (teams sharing a period and timezone share the call)."""
     now = now or timezone.now()
-    by_window: dict[tuple[str, str], list[int]] = defaultdict(list)
+    windows: dict[tuple[datetime | None, datetime | None], list[int]] = defaultdict(list)
+    earliest: dict[tuple[datetime | None, datetime | None], datetime] = {}
     for team in teams:
-        by_window[(team.budget_period, team.timezone)].append(team.id)
-    if not by_window:
-        return {}
-    q = Q()
-    for (kind, tz_name), ids in by_window.items():
-        q |= _window_q("team_id", ids, kind, tz_name, now)
-    grouped = (
-        LedgerEntry.objects.filter(q)
-        .values("team_id")
-        .annotate(spent=Sum("charged_cost_micro_usd"))
-        .order_by()
-    )
-    return {row["team_id"]: row["spent"] or 0 for row in grouped}
+        period = current_period(team.budget_period, team.timezone, now)
+        span = (period.start, period.end)
+        windows[span].append(team.id)
+        earliest[span] = min(earliest.get(span, team.created_at), team.created_at)
+    return _period_spend("team_id", windows, earliest, now)
 
 
 def key_period_spend(keys: Sequence[VirtualKey], now: datetime | None = None) -> dict[int, int]:
-    """Each key's spend in its own current budget period (team timezone): one query."""
+    """Each key's spend in its own current budget period (team timezone)."""
     now = now or timezone.now()
-    by_window: dict[tuple[str, str], list[int]] = defaultdict(list)
+    windows: dict[tuple[datetime | None, datetime | None], list[int]] = defaultdict(list)
+    earliest: dict[tuple[datetime | None, datetime | None], datetime] = {}
     for key in keys:
-        by_window[(key.budget_period, key.team.timezone)].append(key.id)
-    if not by_window:
-        return {}
-    q = Q()
-    for (kind, tz_name), ids in by_window.items():
-        q |= _window_q("key_id", ids, kind, tz_name, now)
-    grouped = (
-        LedgerEntry.objects.filter(q)
-        .values("key_id")
-        .annotate(spent=Sum("charged_cost_micro_usd"))
-        .order_by()
-    )
-    return {row["key_id"]: row["spent"] or 0 for row in grouped if row["key_id"] is not None}
+        period = current_period(key.budget_period, key.team.timezone, now)
+        span = (period.start, period.end)
+        windows[span].append(key.id)
+        earliest[span] = min(earliest.get(span, key.created_at), key.created_at)
+    return _period_spend("key_id", windows, earliest, now)
 
 
 @dataclass(frozen=True)
@@ -918,3 +1126,144 @@ def audit_changes(entry: AuditEntry) -> list[Change]:
             if values.get(f) not in (None, "", [], {}, False) and f != "id"
         ]
     return [Change(f, before.get(f), after.get(f)) for f in fields if before.get(f) != after.get(f)]
+
+
+# --- invoices ------------------------------------------------------------------------------------
+
+# What a team admin may read: invoices that were issued to the team (drafts are finance's).
+ISSUED_STATUSES = (InvoiceStatus.FINALIZED, InvoiceStatus.VOID)
+
+
+@dataclass(frozen=True)
+class InvoiceQuery:
+    team_id: int | None = None
+    status: str = ""
+    period: str = ""  # "2026-03"
+
+
+def invoices_for(viewer: Viewer, query: InvoiceQuery) -> QuerySet[Invoice]:
+    """billing.invoices.invoice_list, narrowed to what the viewer may read."""
+    rows = invoices.invoice_list(
+        team_id=query.team_id, status=query.status or None, period=query.period or None
+    )
+    if not viewer.can_manage_invoices:
+        rows = rows.filter(team_id__in=viewer.admin_team_ids, status__in=ISSUED_STATUSES)
+    return rows
+
+
+# Token kinds as (line field, unit price key, label).
+_TOKEN_KINDS = (
+    ("prompt_tokens", "input", "Input"),
+    ("completion_tokens", "output", "Output"),
+    ("cached_read_tokens", "cached_input", "Cached input"),
+    ("cache_write_tokens", "cache_write", "Cache write"),
+    ("reasoning_tokens", "reasoning", "Reasoning"),
+)
+
+
+@dataclass(frozen=True)
+class Quantity:
+    label: str
+    tokens: int
+    unit_price: str  # USD per 1M tokens, as configured when the invoice was computed ("" unknown)
+
+
+@dataclass(frozen=True)
+class InvoiceLineRow:
+    line: InvoiceLine
+
+    @property
+    def markup_micro_usd(self) -> int:
+        """What the team's markup (negative: discount) adds to the list amount."""
+        return self.line.amount_micro_usd - self.line.list_amount_micro_usd
+
+    @property
+    def quantities(self) -> list[Quantity]:
+        prices = self.line.unit_prices or {}
+        out = []
+        for field_name, price_key, label in _TOKEN_KINDS:
+            tokens = getattr(self.line, field_name)
+            # Input and output always; the other kinds where there are some.
+            if tokens or field_name in ("prompt_tokens", "completion_tokens"):
+                out.append(Quantity(label, tokens, str(prices.get(price_key, ""))))
+        return out
+
+
+@dataclass(frozen=True)
+class InvoiceDetail:
+    invoice: Invoice
+    usage_lines: list[InvoiceLineRow]
+    adjustment_lines: list[InvoiceLineRow]
+
+    @property
+    def is_discount(self) -> bool:
+        return self.invoice.markup_micro_usd < 0
+
+    @property
+    def adjustments_micro_usd(self) -> int:
+        return sum(row.line.amount_micro_usd for row in self.adjustment_lines)
+
+
+def invoice_detail(invoice: Invoice) -> InvoiceDetail:
+    """The lines of an invoice from billing.invoices.invoice_get (already fetched)."""
+    lines = [InvoiceLineRow(line) for line in invoice.lines.all()]
+    return InvoiceDetail(
+        invoice=invoice,
+        usage_lines=[r for r in lines if r.line.kind == InvoiceLineKind.USAGE],
+        adjustment_lines=[r for r in lines if r.line.kind == InvoiceLineKind.ADJUSTMENT],
+    )
+
+
+# --- webhooks and alert recipients ---------------------------------------------------------------
+# billing.webhooks has services for endpoints but no selectors: these read its tables,
+# and never the encrypted signing secret.
+
+_ENDPOINT_FIELDS = (
+    "id",
+    "team_id",
+    "public_id",
+    "url",
+    "description",
+    "events",
+    "secret_last4",
+    "enabled",
+    "created_at",
+    "updated_at",
+)
+
+
+def webhook_endpoints(team: Team) -> list[WebhookEndpoint]:
+    """A team's endpoints (at most billing's limit) with their latest delivery."""
+    latest = WebhookDelivery.objects.filter(endpoint_id=OuterRef("pk")).order_by("-id")
+    return list(
+        WebhookEndpoint.objects.filter(team_id=team.id)
+        .only(*_ENDPOINT_FIELDS)
+        .annotate(
+            last_status=Subquery(latest.values("status")[:1]),
+            last_event=Subquery(latest.values("event_type")[:1]),
+            last_at=Subquery(latest.values("created_at")[:1]),
+        )
+        .order_by("id")[: webhooks.MAX_ENDPOINTS_PER_TEAM]
+    )
+
+
+def webhook_endpoint(team: Team, public_id: str) -> WebhookEndpoint | None:
+    return WebhookEndpoint.objects.filter(team_id=team.id, public_id=public_id[:40]).first()
+
+
+def webhook_count(team: Team) -> int:
+    return WebhookEndpoint.objects.filter(team_id=team.id).count()
+
+
+def webhook_deliveries(endpoint: WebhookEndpoint) -> QuerySet[WebhookDelivery]:
+    """Newest first, each with every attempt (one query per page for all the attempts)."""
+    return (
+        WebhookDelivery.objects.filter(endpoint_id=endpoint.id)
+        .defer("payload")
+        .prefetch_related(Prefetch("log", queryset=WebhookAttempt.objects.order_by("number")))
+        .order_by("-created_at", "-id")
+    )
+
+
+def alert_recipients(team: Team) -> list[str]:
+    return list(notifications.notification_settings_get(team_id=team.id).alert_emails or [])

@@ -93,7 +93,7 @@ def _other_admins(membership: Membership) -> bool:
 
 PLATFORM_ROLES = {
     "": "No platform role",
-    "finance": "Finance (read-only)",
+    "finance": "Finance (invoices; read-only elsewhere)",
     "admin": "Platform admin",
 }
 

@@ -8,7 +8,17 @@ from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 from django.views.static import serve
 
-from dashboard.views import audit, keys, models, overview, teams, usage, users
+from dashboard.views import (
+    audit,
+    invoices,
+    keys,
+    models,
+    overview,
+    teams,
+    usage,
+    users,
+    webhooks,
+)
 
 app_name = "dashboard"
 
@@ -43,6 +53,25 @@ urlpatterns = [
         teams.member_remove,
         name="member-remove",
     ),
+    # a team's alert recipients and webhook endpoints
+    path("teams/<int:team_id>/alerts/", webhooks.alert_recipients, name="team-alerts"),
+    path("teams/<int:team_id>/webhooks/", webhooks.webhook_list, name="webhooks"),
+    path("teams/<int:team_id>/webhooks/new/", webhooks.webhook_create, name="webhook-create"),
+    path(
+        "teams/<int:team_id>/webhooks/<str:public_id>/",
+        webhooks.webhook_edit,
+        name="webhook",
+    ),
+    path(
+        "teams/<int:team_id>/webhooks/<str:public_id>/delete/",
+        webhooks.webhook_delete,
+        name="webhook-delete",
+    ),
+    path(
+        "teams/<int:team_id>/webhooks/<str:public_id>/deliveries/",
+        webhooks.webhook_deliveries,
+        name="webhook-deliveries",
+    ),
     # keys
     path("keys/", keys.key_list, name="keys"),
     path("keys/new/", keys.key_issue, name="key-issue"),
@@ -65,6 +94,14 @@ urlpatterns = [
     path("usage/export.csv", usage.usage_csv, name="usage-csv"),
     path("requests/", usage.request_list, name="requests"),
     path("requests/<int:row_id>/", usage.request_detail, name="request"),
+    # invoices
+    path("invoices/", invoices.invoice_list, name="invoices"),
+    path("invoices/draft/", invoices.invoice_draft, name="invoice-draft"),
+    path("invoices/<int:invoice_id>/", invoices.invoice_detail, name="invoice"),
+    path("invoices/<int:invoice_id>/finalize/", invoices.invoice_finalize, name="invoice-finalize"),
+    path("invoices/<int:invoice_id>/void/", invoices.invoice_void, name="invoice-void"),
+    path("invoices/<int:invoice_id>/invoice.csv", invoices.invoice_csv, name="invoice-csv"),
+    path("invoices/<int:invoice_id>/print/", invoices.invoice_print, name="invoice-print"),
     # audit and people
     path("audit/", audit.audit_log, name="audit"),
     path("users/", users.user_list, name="users"),

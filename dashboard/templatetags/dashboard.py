@@ -21,6 +21,24 @@ def usd(micro: int | float | Decimal | None) -> str:
 
 
 @register.filter
+def usd_exact(micro: int | None) -> str:
+    return formatting.usd_exact(micro)
+
+
+@register.filter
+def plain_number(value: Decimal | int | None) -> str:
+    """12.500 → '12.5', 10.000 → '10': a stored rate as people write it."""
+    if value is None:
+        return "—"
+    return format(Decimal(value).normalize(), "f")
+
+
+@register.filter
+def thousands(value: int | None) -> str:
+    return "—" if value is None else f"{int(value):,}"
+
+
+@register.filter
 def compact(value: int | float | None) -> str:
     return formatting.compact(value)
 

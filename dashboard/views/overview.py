@@ -10,7 +10,7 @@ from dashboard import charts, selectors
 from dashboard.access import DashboardRequest, dashboard_view
 from dashboard.formatting import usd_axis
 from dashboard.forms import OverviewFilter
-from dashboard.selectors import KeyFilter, LedgerScope
+from dashboard.selectors import KeyFilter, UsageScope
 from dashboard.views.common import choices, default_window, page, team_options
 from gateway.models import Team
 
@@ -28,19 +28,18 @@ def overview(request: DashboardRequest) -> HttpResponse:
     team = next((t for t in teams if t.id == team_id), None)
     range_name = form.cleaned_data.get("range") or "period"
     window = default_window(team, teams, range_name)
-    scope = LedgerScope(viewer_q=viewer.ledger_q(), window=window, team_id=team_id)
-    data = selectors.usage_overview(scope)
+    data = selectors.usage_overview(UsageScope(viewer=viewer, window=window, team_id=team_id))
 
     labels = [f"{day:%d %b}" for day in data.days]
     chart = charts.stacked_bars(
         labels,
         {model: [float(v) for v in values] for model, values in data.spend_by_model.items()},
         fmt=usd_axis,
-        title="Spend per day by model",
+        title="Spend per day by model" + (" (UTC days)" if data.axis.utc_days else ""),
         height=340,
     )
     # Trends up to today: days still ahead in the period would read as a collapse.
-    today = timezone.now().astimezone(window.tz).date()
+    today = timezone.now().astimezone(data.axis.tz).date()
     shown = sum(1 for day in data.days if day <= today)
     spend_by_day = [sum(v[i] for v in data.spend_by_model.values()) for i in range(shown)]
     errors = [

@@ -18,11 +18,12 @@ from dashboard.access import (
     get_team_for_members,
     require,
 )
-from dashboard.forms import MemberAddForm, MemberRoleForm, TeamForm
+from dashboard.forms import AlertRecipientsForm, MemberAddForm, MemberRoleForm, TeamForm
 from dashboard.models import Membership
 from dashboard.views.common import form_error, page, posted
 from gateway import services as gateway_services
 from gateway.errors import GatewayError
+from gateway.models import Team
 
 
 @require_http_methods(["GET"])
@@ -63,25 +64,46 @@ def team_create(request: DashboardRequest) -> HttpResponse:
     )
 
 
-@require_http_methods(["GET"])
-@dashboard_view
-def team_detail(request: DashboardRequest, team_id: int) -> HttpResponse:
-    team = get_team_for_details(request.viewer, team_id)
+def team_page(
+    request: DashboardRequest,
+    team: Team,
+    *,
+    add_form: MemberAddForm | None = None,
+    alerts_form: AlertRecipientsForm | None = None,
+    status: int = 200,
+) -> HttpResponse:
+    """The team page, also shown again (with errors) by the forms on it."""
+    viewer = request.viewer
     members_page = selectors.paginate(selectors.team_members(team), request.GET.get("page"))
-    budget = selectors.team_budgets([team])[0]
+    can_notify = viewer.can_manage_notifications(team.id)
+    recipients = selectors.alert_recipients(team)
+    if alerts_form is None and can_notify:
+        alerts_form = AlertRecipientsForm(initial={"alert_emails": "\n".join(recipients)})
     return page(
         request,
         "dashboard/teams/detail.html",
         {
             "team": team,
-            "budget": budget,
+            "budget": selectors.team_budgets([team])[0],
             "page_obj": members_page,
-            "add_form": MemberAddForm(),
-            "can_manage_members": request.viewer.can_manage_members(team.id),
-            "can_configure": request.viewer.can_configure_team(team.id),
+            "add_form": add_form or MemberAddForm(),
+            "can_manage_members": viewer.can_manage_members(team.id),
+            "can_configure": viewer.can_configure_team(team.id),
+            "can_manage_notifications": can_notify,
+            "alert_recipients": recipients,
+            "alerts_form": alerts_form,
+            "webhook_count": selectors.webhook_count(team) if can_notify else None,
+            "can_view_invoices": viewer.can_view_invoices_of(team.id),
         },
         section="teams",
+        status=status,
     )
+
+
+@require_http_methods(["GET"])
+@dashboard_view
+def team_detail(request: DashboardRequest, team_id: int) -> HttpResponse:
+    return team_page(request, get_team_for_details(request.viewer, team_id))
 
 
 @require_http_methods(["GET", "POST"])
@@ -131,21 +153,7 @@ def member_add(request: DashboardRequest, team_id: int) -> HttpResponse:
             else:
                 messages.success(request, f"{user.username} added to {team.name}.")
                 return redirect("dashboard:team", team_id=team.id)
-    members_page = selectors.paginate(selectors.team_members(team), 1)
-    return page(
-        request,
-        "dashboard/teams/detail.html",
-        {
-            "team": team,
-            "budget": selectors.team_budgets([team])[0],
-            "page_obj": members_page,
-            "add_form": form,
-            "can_manage_members": True,
-            "can_configure": request.viewer.can_configure_team(team.id),
-        },
-        section="teams",
-        status=400,
-    )
+    return team_page(request, team, add_form=form, status=400)
 
 
 def _membership(team_id: int, membership_id: int) -> Membership:

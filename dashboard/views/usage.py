@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, timedelta
 
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_GET
@@ -14,7 +14,7 @@ from dashboard import charts, selectors
 from dashboard.access import DashboardRequest, dashboard_view, get_key_for_viewer
 from dashboard.formatting import compact, duration_ms, usd_axis
 from dashboard.forms import RequestLogFilter, UsageFilter
-from dashboard.selectors import LedgerScope, SeriesRow, Window
+from dashboard.selectors import LedgerScope, Series, SeriesRow, UsageScope, Window
 from dashboard.views.common import choices, default_window, page, team_options
 from gateway.models import Team, VirtualKey
 
@@ -24,11 +24,18 @@ TABLE_PAGE_SIZE = 25
 @dataclass
 class Explorer:
     form: UsageFilter
-    window: Window
-    bucket: str
-    rows: list[SeriesRow]
+    scope: UsageScope
+    series: Series
     team: Team | None
     key: VirtualKey | None
+
+    @property
+    def window(self) -> Window:
+        return self.scope.window
+
+    @property
+    def rows(self) -> list[SeriesRow]:
+        return self.series.rows
 
 
 def _explore(request: DashboardRequest) -> Explorer:
@@ -47,45 +54,39 @@ def _explore(request: DashboardRequest) -> Explorer:
         last = until or (window.until.astimezone(window.tz).date())
         if first <= last:
             window = selectors.day_window(first, last, tz_name)
-    bucket = selectors.bucket_for(window)
-    scope = LedgerScope(
-        viewer_q=viewer.ledger_q(),
+    scope = UsageScope(
+        viewer=viewer,
         window=window,
         team_id=team.id if team else None,
         key_id=key.id if key else None,
         model=(data.get("model") or "").strip(),
         tag=(data.get("tag") or "").strip(),
     )
-    rows = selectors.usage_series(scope, bucket=bucket, group_by=data.get("group_by") or "")
+    series = selectors.usage_series(
+        scope, kind=selectors.bucket_for(window), group_by=data.get("group_by") or ""
+    )
     # Show the dates in effect, whether typed or the default period.
     shown = request.GET.copy()
     shown["since"] = window.first_day.isoformat()
     shown["until"] = window.last_day.isoformat()
     form.data = shown
-    return Explorer(form, window, bucket, rows, team, key)
-
-
-def _label(moment: datetime, bucket: str) -> str:
-    return f"{moment:%d %b %H:00}" if bucket == "hour" else f"{moment:%d %b}"
+    return Explorer(form, scope, series, team, key)
 
 
 @require_GET
 @dashboard_view
 def usage(request: DashboardRequest) -> HttpResponse:
     explorer = _explore(request)
-    starts = selectors.buckets(explorer.window, explorer.bucket)
-    labels = [_label(start, explorer.bucket) for start in starts]
-    index = {start: i for i, start in enumerate(starts)}
-    empty = [0.0] * len(starts)
+    axis = explorer.series.axis
+    labels = [axis.label(start) for start in axis.starts]
+    empty = [0.0] * len(axis.starts)
 
     spend: dict[str, list[float]] = defaultdict(lambda: list(empty))
     tokens: dict[str, list[float]] = defaultdict(lambda: list(empty))
     requests: dict[str, list[float]] = defaultdict(lambda: list(empty))
-    latency_sum: dict[str, list[float]] = defaultdict(lambda: list(empty))
+    index = {start: i for i, start in enumerate(axis.starts)}
     for row in explorer.rows:
-        i = index.get(row.bucket)
-        if i is None:
-            continue
+        i = index[row.bucket]
         group = row.group or "All"
         spend[group][i] += row.spend_micro_usd
         requests[group][i] += row.requests
@@ -94,22 +95,33 @@ def usage(request: DashboardRequest) -> HttpResponse:
         else:
             tokens["Prompt"][i] += row.prompt_tokens
             tokens["Completion"][i] += row.completion_tokens
-        latency_sum[group][i] += (row.avg_latency_ms or 0) * row.requests
-    latency: dict[str, list[float | None]] = {}
-    for group in sorted(requests, key=lambda g: -sum(spend[g]))[:6]:
-        latency[group] = [
-            latency_sum[group][i] / n if n else None for i, n in enumerate(requests[group])
-        ]
 
     def fmt_count(value: float) -> str:
         return compact(value)
 
+    # Latency: the latest requests of the range's last day, per hour (see selectors).
+    latency = selectors.latency_sample(explorer.scope, selectors.visible_usage(request.viewer))
+    hours = []
+    cursor = latency.since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    while cursor < latency.until:
+        hours.append(cursor)
+        cursor += timedelta(hours=1)
+    at = {hour: i for i, hour in enumerate(hours)}
+    p50: list[float | None] = [None] * len(hours)
+    p95: list[float | None] = [None] * len(hours)
+    for hour, median, high in latency.by_hour:
+        if hour in at:
+            p50[at[hour]], p95[at[hour]] = median, high
+    tz = explorer.window.tz
     context_charts = {
         "spend": charts.stacked_bars(labels, dict(spend), fmt=usd_axis, title="Spend"),
         "tokens": charts.stacked_bars(labels, dict(tokens), fmt=fmt_count, title="Tokens"),
         "requests": charts.stacked_bars(labels, dict(requests), fmt=fmt_count, title="Requests"),
         "latency": charts.line_chart(
-            labels, latency, fmt=lambda v: duration_ms(v), title="Mean latency"
+            [f"{hour.astimezone(tz):%d %b %H:%M}" for hour in hours],
+            {"p50": p50, "p95": p95},
+            fmt=lambda v: duration_ms(v),
+            title="Latency p50 and p95 per hour",
         ),
     }
     totals = selectors.Totals()
@@ -122,17 +134,21 @@ def usage(request: DashboardRequest) -> HttpResponse:
     table = selectors.paginate(
         list(reversed(explorer.rows)), request.GET.get("page"), TABLE_PAGE_SIZE
     )
+    group_by = explorer.form.cleaned_data.get("group_by") or ""
     return page(
         request,
         "dashboard/usage.html",
         {
             "form": explorer.form,
             "window": explorer.window,
-            "bucket": explorer.bucket,
+            "axis": axis,
+            "bucket": axis.kind,
             "charts": context_charts,
+            "latency": latency,
             "totals": totals,
             "page_obj": table,
-            "grouped": bool(explorer.form.cleaned_data.get("group_by")),
+            "grouped": bool(group_by),
+            "by_tag": group_by == "tag",
             "key": explorer.key,
             "key_options": selectors.key_options(
                 request.viewer, explorer.team.id if explorer.team else None
@@ -151,14 +167,16 @@ CSV_COLUMNS = [
     "prompt_tokens",
     "completion_tokens",
     "spend_usd",
-    "avg_latency_ms",
 ]
 
 
 @require_GET
 @dashboard_view
 def usage_csv(request: DashboardRequest) -> HttpResponse:
-    """Exactly the rows the explorer's table shows for the same filters, all pages."""
+    """Exactly the rows the explorer's table shows for the same filters, all pages.
+
+    `bucket_start` carries its UTC offset: local days, or UTC days where the page says so.
+    """
     explorer = _explore(request)
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="usage.csv"'
@@ -174,7 +192,6 @@ def usage_csv(request: DashboardRequest) -> HttpResponse:
                 row.prompt_tokens,
                 row.completion_tokens,
                 f"{row.spend_micro_usd // 1_000_000}.{row.spend_micro_usd % 1_000_000:06d}",
-                "" if row.avg_latency_ms is None else row.avg_latency_ms,
             ]
         )
     return response

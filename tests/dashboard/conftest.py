@@ -3,12 +3,17 @@
 Personas, as in healthchecks: alice is a team admin of Acme; bob is a member of Acme
 who owns one key; charlie is the admin of another team (Globex) and should see
 nothing of Acme; fiona is finance; root is the platform admin.
+
+Acme has a finalized invoice (two months ago) and a draft (last month); Globex a
+finalized one. Each team has a webhook endpoint; Acme's has a delivery that took two
+attempts. The usage rollups are built at the end, so the ledger rows tests add later
+are the rollups' live tail, and pages read both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -17,8 +22,16 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 
+from billing import invoices, rollups, webhooks
 from billing.ledger import AttemptRecord, ledger_write
-from billing.models import LedgerEntry
+from billing.models import (
+    DeliveryStatus,
+    Invoice,
+    LedgerEntry,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from billing.pricing import Usage
 from dashboard.models import Membership, PlatformRole, StaffRole, TeamRole
 from gateway import services
@@ -49,6 +62,12 @@ class World:
     group: ModelGroup
     bob_row: LedgerEntry
     charlie_row: LedgerEntry
+    acme_invoice: Invoice  # finalized, two months ago
+    acme_draft: Invoice  # last month
+    globex_invoice: Invoice  # finalized, last month
+    acme_webhook: WebhookEndpoint
+    globex_webhook: WebhookEndpoint
+    acme_delivery: WebhookDelivery
 
     def user(self, role: str) -> User | None:
         return None if role == "anon" else getattr(self, role)
@@ -96,8 +115,61 @@ def ledger_row(
     return LedgerEntry.objects.get(request_id=request_id)
 
 
+def month_ago(months: int) -> tuple[int, int]:
+    """(year, month) of the UTC month `months` before this one."""
+    today = timezone.now().date()
+    index = today.year * 12 + today.month - 1 - months
+    return index // 12, index % 12 + 1
+
+
+def mid_month(months: int, hours: int = 0) -> datetime:
+    year, month = month_ago(months)
+    return datetime(year, month, 15, 12, tzinfo=UTC) + timedelta(hours=hours)
+
+
+def issued_invoice(team: Team, months: int) -> Invoice:
+    year, month = month_ago(months)
+    draft = invoices.invoice_draft(team_id=team.id, year=year, month=month)
+    return invoices.invoice_finalize(invoice_id=draft.id)
+
+
+def delivery(endpoint: WebhookEndpoint, event_id: str, *, failed_first: bool = True) -> Any:
+    """A delivered event whose first attempt timed out."""
+    now = timezone.now()
+    row = WebhookDelivery.objects.create(
+        endpoint=endpoint,
+        team_id=endpoint.team_id,
+        event_id=event_id,
+        event_type="budget.exceeded",
+        payload="{}",
+        status=DeliveryStatus.SUCCEEDED,
+        attempts=2 if failed_first else 1,
+        next_attempt_at=now,
+        last_status_code=200,
+        delivered_at=now,
+    )
+    if failed_first:
+        WebhookAttempt.objects.create(
+            delivery=row,
+            number=1,
+            started_at=now - timedelta(seconds=40),
+            duration_ms=10_004,
+            error="ConnectTimeout: timed out",
+        )
+    WebhookAttempt.objects.create(
+        delivery=row,
+        number=2 if failed_first else 1,
+        started_at=now - timedelta(seconds=5),
+        duration_ms=87,
+        status_code=200,
+    )
+    return row
+
+
 @pytest.fixture
-def world(db: Any) -> World:
+def world(db: Any, settings: Any) -> World:
+    # Invoices cover the rows written a moment ago (by default they trail "now" by a minute).
+    settings.GATEWAY_INVOICE_CUTOFF_LAG_SECONDS = 0
     root = User.objects.create_superuser("root", "root@example.com", PASSWORD)
     fiona = make_user("fiona")
     StaffRole.objects.create(user=fiona, role=PlatformRole.FINANCE)
@@ -128,6 +200,27 @@ def world(db: Any) -> World:
     services.deployment_create(name="gpt-other", provider_model="openai/gpt-other")
     alias = services.alias_create(alias="gpt-alias", target="gpt-test")
     group = services.group_save(name="gpt-test", fallbacks=["gpt-other"])
+    bob_row = ledger_row(keys["bob"], model="gpt-test")
+    charlie_row = ledger_row(keys["charlie"], model="gpt-globex-only")
+    # Past months, for the invoices (never on bob's key: his request log stays one row).
+    ledger_row(keys["alice"], model="gpt-test", at=mid_month(2), cost=2_000_000)
+    ledger_row(keys["alice"], model="gpt-other", at=mid_month(2, 1), cost=250_000)
+    ledger_row(keys["alice"], model="gpt-test", at=mid_month(1), cost=3_000_000)
+    ledger_row(keys["charlie"], model="gpt-globex-only", at=mid_month(1), cost=700_000)
+    acme_invoice = issued_invoice(acme, 2)
+    # Recorded after that invoice was finalized: an adjustment line on the next one.
+    ledger_row(keys["alice"], model="gpt-test", at=mid_month(2, 2), cost=100_000)
+    year, month = month_ago(1)
+    acme_draft = invoices.invoice_draft(team_id=acme.id, year=year, month=month)
+    globex_invoice = issued_invoice(globex, 1)
+    acme_webhook = webhooks.endpoint_create(
+        team_id=acme.id, url="https://hooks.acme.example/gateway", events=["budget.exceeded"]
+    ).endpoint
+    globex_webhook = webhooks.endpoint_create(
+        team_id=globex.id, url="https://hooks.globex.example/in"
+    ).endpoint
+    acme_delivery = delivery(acme_webhook, "evt_world_1")
+    rollups.rollups_update()
     return World(
         root=root,
         fiona=fiona,
@@ -146,6 +239,12 @@ def world(db: Any) -> World:
         deployment=deployment,
         alias=alias,
         group=group,
-        bob_row=ledger_row(keys["bob"], model="gpt-test"),
-        charlie_row=ledger_row(keys["charlie"], model="gpt-globex-only"),
+        bob_row=bob_row,
+        charlie_row=charlie_row,
+        acme_invoice=acme_invoice,
+        acme_draft=acme_draft,
+        globex_invoice=globex_invoice,
+        acme_webhook=acme_webhook,
+        globex_webhook=globex_webhook,
+        acme_delivery=acme_delivery,
     )

@@ -9,6 +9,11 @@ The expected table is kept here, one line per URL, one column per role:
 302 for anon is the redirect to the login page. A 404 means the object belongs to a
 team the user cannot see at all (its existence is not revealed); a 403 means they
 can see it but not do that.
+
+Invoices: finance and platform admins read, draft, finalize and void every team's; a
+team admin reads the invoices issued to their team (finalized or void; a draft is a
+404 to them); members have no invoice pages. Webhooks and alert recipients: a team's
+admins and platform admins; finance and members are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,14 @@ import pytest
 from django.contrib.auth.models import User
 from django.db import transaction
 
+from billing.models import (
+    Invoice,
+    InvoiceLine,
+    TeamNotificationSettings,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from dashboard.models import Membership, StaffRole
 from gateway.models import (
     AuditEntry,
@@ -32,7 +45,7 @@ from gateway.models import (
     Team,
     VirtualKey,
 )
-from tests.dashboard.conftest import ROLES, World
+from tests.dashboard.conftest import ROLES, World, month_ago
 from tests.gateway.support import check_each
 
 
@@ -92,6 +105,28 @@ def group_form(w: World) -> dict[str, Any]:
         "allowed_fails": "3",
         "cooldown_seconds": "10",
     }
+
+
+def webhook_form(w: World) -> dict[str, Any]:
+    return {
+        "url": "https://hooks.acme.example/v2",
+        "events": ["budget.exceeded", "invoice.finalized"],
+        "description": "ops pager",
+        "enabled": "on",
+    }
+
+
+def draft_form(w: World) -> dict[str, Any]:
+    year, month = month_ago(3)
+    return {"team": w.acme.id, "month": f"{year:04d}-{month:02d}"}
+
+
+def invoice(w: World, name: str) -> str:
+    return f"/invoices/{getattr(w, name).id}/"
+
+
+def hooks(w: World, suffix: str = "", endpoint: str = "acme_webhook") -> str:
+    return f"/teams/{w.acme.id}/webhooks/{getattr(w, endpoint).public_id}/{suffix}"
 
 
 #                                                              anon root fiona alice bob charlie
@@ -199,6 +234,63 @@ CASES: dict[str, Case] = {
     ),
     "bob request": get(lambda w: f"/requests/{w.bob_row.id}/", "302 200 200 200 200 404"),
     "charlie request": get(lambda w: f"/requests/{w.charlie_row.id}/", "302 200 200 404 404 200"),
+    # invoices
+    "invoices": get(lambda w: "/invoices/", "302 200 200 200 403 200"),
+    "invoices filtered": get(
+        lambda w: f"/invoices/?team={w.acme.id}&status=finalized&period=2026-01",
+        "302 200 200 200 403 200",
+    ),
+    "acme invoice": get(lambda w: invoice(w, "acme_invoice"), "302 200 200 200 403 404"),
+    "acme invoice csv": get(
+        lambda w: invoice(w, "acme_invoice") + "invoice.csv", "302 200 200 200 403 404"
+    ),
+    "acme invoice print": get(
+        lambda w: invoice(w, "acme_invoice") + "print/", "302 200 200 200 403 404"
+    ),
+    "acme draft": get(lambda w: invoice(w, "acme_draft"), "302 200 200 404 403 404"),
+    "acme draft csv": get(
+        lambda w: invoice(w, "acme_draft") + "invoice.csv", "302 200 200 404 403 404"
+    ),
+    "globex invoice": get(lambda w: invoice(w, "globex_invoice"), "302 200 200 404 404 200"),
+    "invoice draft": post(lambda w: "/invoices/draft/", "302 302 302 403 403 403", draft_form),
+    "acme draft finalize": post(
+        lambda w: invoice(w, "acme_draft") + "finalize/", "302 302 302 404 403 404"
+    ),
+    "acme invoice void": post(
+        lambda w: invoice(w, "acme_invoice") + "void/",
+        "302 302 302 403 403 404",
+        lambda w: {"reason": "wrong markup"},
+    ),
+    "globex invoice void": post(
+        lambda w: invoice(w, "globex_invoice") + "void/",
+        "302 302 302 404 404 403",
+        lambda w: {"reason": "wrong markup"},
+    ),
+    # webhooks and alert recipients
+    "acme webhooks": get(lambda w: f"/teams/{w.acme.id}/webhooks/", "302 200 403 200 403 404"),
+    "acme webhook form": get(
+        lambda w: f"/teams/{w.acme.id}/webhooks/new/", "302 200 403 200 403 404"
+    ),
+    "acme webhook create": post(
+        lambda w: f"/teams/{w.acme.id}/webhooks/new/", "302 201 403 201 403 404", webhook_form
+    ),
+    "acme webhook page": get(lambda w: hooks(w), "302 200 403 200 403 404"),
+    "acme webhook edit": post(lambda w: hooks(w), "302 302 403 302 403 404", webhook_form),
+    "acme webhook delete": post(lambda w: hooks(w, "delete/"), "302 302 403 302 403 404"),
+    "acme webhook deliveries": get(lambda w: hooks(w, "deliveries/"), "302 200 403 200 403 404"),
+    # Globex's endpoint under Acme's URL: not found for whoever may manage Acme's.
+    "globex webhook via acme": get(
+        lambda w: hooks(w, "", "globex_webhook"), "302 404 403 404 403 404"
+    ),
+    "globex webhook delete via acme": post(
+        lambda w: hooks(w, "delete/", "globex_webhook"), "302 404 403 404 403 404"
+    ),
+    "globex webhooks": get(lambda w: f"/teams/{w.globex.id}/webhooks/", "302 200 403 404 404 200"),
+    "acme alert recipients": post(
+        lambda w: f"/teams/{w.acme.id}/alerts/",
+        "302 302 403 302 403 404",
+        lambda w: {"alert_emails": "ops@acme.example, cfo@acme.example"},
+    ),
     # audit and people
     "audit": get(lambda w: "/audit/", "302 200 200 200 403 200"),
     "people": get(lambda w: "/users/", "302 200 403 403 403 403"),
@@ -224,6 +316,15 @@ def state() -> str:
     for model in (Team, VirtualKey, KeySecret, ModelDeployment, ModelGroup, ModelAlias):
         parts.append(list(model.objects.order_by("pk").values()))
     parts.append(list(Membership.objects.order_by("pk").values()))
+    for billing_model in (
+        Invoice,
+        InvoiceLine,
+        WebhookEndpoint,
+        WebhookDelivery,
+        WebhookAttempt,
+        TeamNotificationSettings,
+    ):
+        parts.append(list(billing_model.objects.order_by("pk").values()))
     parts.append(list(StaffRole.objects.order_by("pk").values()))
     parts.append(
         list(
@@ -270,7 +371,8 @@ def test_it_enforces_the_authorisation_matrix(world: World) -> None:
             assert not changed, "a refused action changed something"
 
     check_each(cells, check)
-    # The table is the whole dashboard: 49 URLs x 6 roles.
+    # The table is the whole dashboard: 72 URLs x 6 roles.
+    assert len(CASES) == 72
     assert len(cells) == len(CASES) * len(ROLES)
 
 

@@ -211,3 +211,164 @@ def test_it_issues_uses_and_revokes_a_key_in_the_browser(
     assert seen["refusal"] == 401
     assert shot.stat().st_size > 10_000
     shutil.copyfile(shot, SCREENSHOT_COPY)
+
+
+INVOICE_SCREENSHOT_COPY = Path("/tmp/dashboard-invoice.png")
+
+
+def test_it_shows_an_invoice_to_finance_in_the_browser(
+    live_gateway: Any, playwright_chromium: str, tmp_path: Path, settings: Any
+) -> None:
+    """Finance opens a finalized invoice: its number, lines and totals, and the void form;
+    the team's admin sees the same invoice without it."""
+    from decimal import Decimal
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from billing import invoices
+    from dashboard.models import PlatformRole, StaffRole
+    from tests.dashboard.conftest import mid_month, month_ago
+
+    acme = services.team_create(
+        name="Acme Robotics", budget_micro_usd=5_000_000_000, markup_percent=Decimal("12.5")
+    )
+    fiona = make_user("fiona")
+    StaffRole.objects.create(user=fiona, role=PlatformRole.FINANCE)
+    alice = make_user("alice")
+    Membership.objects.create(user=alice, team=acme, role=TeamRole.ADMIN)
+    keys = [services.key_create(team=acme, name=n).key for n in ("support-bot", "search-api")]
+    catalogue = [
+        ("openai", "gpt-4o", 14_000),
+        ("openai", "gpt-4o-mini", 900),
+        ("anthropic", "claude-sonnet-4", 21_000),
+        ("openai", "text-embedding-3-small", 40),
+    ]
+    # Configured prices: the invoice lines show them per token kind.
+    for provider, model, input_price, output_price in (
+        ("openai", "gpt-4o", "2.50", "10"),
+        ("openai", "gpt-4o-mini", "0.15", "0.60"),
+        ("anthropic", "claude-sonnet-4", "3", "15"),
+        ("openai", "text-embedding-3-small", "0.02", "0"),
+    ):
+        services.deployment_create(
+            name=model,
+            provider_model=f"{provider}/{model}",
+            input_cost_per_million=Decimal(input_price),
+            output_cost_per_million=Decimal(output_price),
+            cached_input_cost_per_million=Decimal(input_price) / 2,
+        )
+    rng = random.Random(7)
+    records = []
+    for months, count in ((2, 40), (1, 160)):
+        for n in range(count):
+            provider, model, cost = rng.choice(catalogue)
+            started = mid_month(months, hours=rng.randint(-300, 300))
+            list_cost = int(cost * rng.uniform(0.5, 1.6))
+            records.append(
+                AttemptRecord(
+                    request_id=f"inv-{months}-{n}",
+                    attempt=1,
+                    team_id=acme.id,
+                    key_id=rng.choice(keys).id,
+                    endpoint="chat.completions",
+                    model=model,
+                    status="success",
+                    http_status=200,
+                    started_at=started,
+                    ended_at=started + timedelta(milliseconds=800),
+                    usage=Usage(
+                        prompt_tokens=rng.randint(200, 2400),
+                        completion_tokens=rng.randint(40, 700),
+                        cached_read_tokens=rng.choice([0, 0, 512]),
+                    ),
+                    list_cost_micro_usd=list_cost,
+                    charged_cost_micro_usd=list_cost + list_cost // 8,
+                    latency_ms=800,
+                    provider=provider,
+                    provider_model=f"{provider}/{model}",
+                    is_batch=model == "gpt-4o-mini" and n % 3 == 0,
+                )
+            )
+    ledger_write(records[:40])
+    # Invoices cover the rows written a moment ago (by default they trail "now" by a minute).
+    settings.GATEWAY_INVOICE_CUTOFF_LAG_SECONDS = 0
+    year, month = month_ago(2)
+    earlier = invoices.invoice_draft(team_id=acme.id, year=year, month=month)
+    invoices.invoice_finalize(invoice_id=earlier.id)
+    # Rows of that month recorded afterwards become adjustments on the next invoice.
+    late = mid_month(2, hours=5)
+    ledger_write(
+        [
+            AttemptRecord(
+                request_id=f"inv-late-{i}",
+                attempt=1,
+                team_id=acme.id,
+                key_id=keys[0].id,
+                endpoint="chat.completions",
+                model="gpt-4o",
+                status="success",
+                http_status=200,
+                started_at=late,
+                ended_at=late + timedelta(seconds=1),
+                usage=Usage(prompt_tokens=900, completion_tokens=300),
+                list_cost_micro_usd=9_000,
+                charged_cost_micro_usd=10_125,
+                latency_ms=1000,
+                provider="openai",
+                provider_model="openai/gpt-4o",
+            )
+            for i in range(3)
+        ]
+        + records[40:]
+    )
+    year, month = month_ago(1)
+    draft = invoices.invoice_draft(team_id=acme.id, year=year, month=month)
+    invoice = invoices.invoice_finalize(invoice_id=draft.id)
+    number = invoice.number
+    assert number
+    base = live_gateway.url
+    shot = tmp_path / "invoice.png"
+
+    def sign_in(page: Any, username: str, target: str) -> None:
+        page.goto(f"{base}{target}")
+        page.fill("#id_username", username)
+        page.fill("#id_password", PASSWORD)
+        page.click("button[type=submit]")
+        expect(page).to_have_url(f"{base}{target}")
+
+    def browse() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        url = f"/invoices/{invoice.id}/"
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=playwright_chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
+                sign_in(page, "fiona", url)
+                expect(page.locator("[data-testid=invoice-number]")).to_have_text(number)
+                expect(page.locator("[data-testid=invoice-status]")).to_have_text("Finalized")
+                seen["total"] = page.locator("[data-testid=invoice-total]").text_content()
+                seen["void"] = page.locator("[data-testid=void]").count()
+                seen["adjustments"] = page.locator("[data-testid=adjustments] tbody tr").count()
+                page.screenshot(path=str(shot), full_page=True)
+                with page.expect_popup() as popup:
+                    page.click("[data-testid=invoice-print]")
+                printable = popup.value
+                printable.wait_for_load_state()
+                seen["printable"] = printable.content()
+
+                admin = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+                sign_in(admin, "alice", url)
+                expect(admin.locator("[data-testid=invoice-number]")).to_have_text(number)
+                seen["admin_void"] = admin.locator("[data-testid=void]").count()
+            finally:
+                browser.close()
+        return seen
+
+    seen = in_thread(browse)
+    assert seen["void"] == 1 and seen["admin_void"] == 0
+    assert seen["adjustments"] == 1  # the three late gpt-4o rows, on one line
+    total = invoice.total_micro_usd
+    assert seen["total"].replace(",", "").startswith(f"${total // 1_000_000}.")
+    assert invoice.number in seen["printable"]
+    assert shot.stat().st_size > 10_000
+    shutil.copyfile(shot, INVOICE_SCREENSHOT_COPY)

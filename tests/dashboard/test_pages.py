@@ -6,6 +6,7 @@ import csv
 import io
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from django.db import connection
@@ -13,10 +14,19 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from billing import invoices, notifications, rollups, webhooks
+from billing.models import LedgerEntry, WebhookDelivery, WebhookEndpoint
 from dashboard.models import Membership, TeamRole
 from gateway.crypto import decrypt_secret, hash_key_secret
 from gateway.models import AuditEntry, KeySecret, ModelDeployment, Team, VirtualKey
-from tests.dashboard.conftest import World, ledger_row
+from tests.dashboard.conftest import (
+    World,
+    delivery,
+    issued_invoice,
+    ledger_row,
+    mid_month,
+    month_ago,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -434,6 +444,11 @@ def test_it_puts_a_csrf_token_in_every_form(world: World) -> None:
         f"/models/{world.deployment.public_id}/",
         "/models/policy/gpt-test/",
         "/users/",
+        "/invoices/",
+        f"/invoices/{world.acme_invoice.id}/",
+        f"/invoices/{world.acme_draft.id}/",
+        f"/teams/{world.acme.id}/webhooks/new/",
+        f"/teams/{world.acme.id}/webhooks/{world.acme_webhook.public_id}/",
     ]
     for url in urls:
         page = text(client.get(url))
@@ -471,6 +486,15 @@ def grow(world: World, n: int) -> None:
         ledger_row(
             world.bob_key, model=f"bulk-model-{i}", at=timezone.now() - timedelta(hours=i + 1)
         )
+        # Invoices: one issued to each new team, and more lines on Acme's draft.
+        ledger_row(key, model=f"bulk-model-{i}", at=mid_month(1))
+        issued_invoice(team, 1)
+        ledger_row(world.alice_key, model=f"bulk-model-{n}-{i}", at=mid_month(1, i + 1))
+        # Webhooks: more endpoints, and more deliveries with their attempts.
+        webhooks.endpoint_create(team_id=world.acme.id, url=f"https://h{n}-{i}.example/in")
+        delivery(world.acme_webhook, f"evt_grow_{n}_{i}")
+    year, month = month_ago(1)
+    invoices.invoice_draft(team_id=world.acme.id, year=year, month=month)
 
 
 PAGES = [
@@ -478,6 +502,7 @@ PAGES = [
     lambda w: f"/overview/?team={w.acme.id}",
     lambda w: "/usage/",
     lambda w: "/usage/?group_by=key",
+    lambda w: "/usage/?group_by=tag",
     lambda w: "/usage/export.csv?group_by=team",
     lambda w: "/teams/",
     lambda w: f"/teams/{w.acme.id}/",
@@ -489,9 +514,16 @@ PAGES = [
     lambda w: f"/requests/{w.bob_row.id}/",
     lambda w: "/audit/",
     lambda w: "/users/",
+    lambda w: "/invoices/",
+    lambda w: f"/invoices/{w.acme_invoice.id}/",
+    lambda w: f"/invoices/{w.acme_draft.id}/",
+    lambda w: f"/teams/{w.acme.id}/webhooks/",
+    lambda w: f"/teams/{w.acme.id}/webhooks/{w.acme_webhook.public_id}/",
+    lambda w: f"/teams/{w.acme.id}/webhooks/{w.acme_webhook.public_id}/deliveries/",
 ]
-# Session, user, the viewer's memberships and platform role, then the page's own.
-MAX_QUERIES = 14
+# Session, user, the viewer's memberships and platform role, then the page's own (the
+# overview's: two billing.usage calls of three queries each).
+MAX_QUERIES = 16
 
 
 def count_queries(client: Client, url: str) -> int:
@@ -504,11 +536,12 @@ def count_queries(client: Client, url: str) -> int:
 @pytest.mark.parametrize("role", ["root", "alice"])
 def test_it_reads_a_bounded_number_of_queries_per_page(world: World, role: str) -> None:
     client = world.client(role)
+    root_only = {"/users/", "/models/", f"/invoices/{world.acme_draft.id}/"}
     small = {}
     grow(world, 3)
     for page in PAGES:
         url = page(world)
-        if role != "root" and url in ("/users/", "/models/"):
+        if role != "root" and url in root_only:
             continue
         small[url] = count_queries(client, url)
     grow(world, 12)
@@ -519,15 +552,337 @@ def test_it_reads_a_bounded_number_of_queries_per_page(world: World, role: str) 
 
 
 def test_it_asserts_the_overview_and_usage_query_budgets(
-    world: World, django_assert_max_num_queries: Any
+    world: World, django_assert_num_queries: Any
 ) -> None:
     client = world.client("root")
-    # 4 to sign in and load roles; team choices; the one-scan aggregate in a
-    # transaction of its own (savepoint, SET LOCAL, the query, release: 4 here, as the
-    # test runs inside a transaction; in production BEGIN/COMMIT are not queries);
+    # 4 to sign in and load roles; team choices; two billing.usage calls (the rollup
+    # cutoff, the daily rollups, the ledger's live tail: 3 each); the latency sample;
     # key names; a page of budgets (2).
-    with django_assert_max_num_queries(12):
+    with django_assert_num_queries(15):
         assert client.get("/overview/").status_code == 200
-    # 4 to sign in; team and key choices; the bucketed aggregate (4, as above).
-    with django_assert_max_num_queries(10):
+    # 4 to sign in; team choices; one billing.usage call (3); the latency sample; key choices.
+    with django_assert_num_queries(10):
         assert client.get("/usage/").status_code == 200
+    # A member: one more for their own keys (what they see of the team's usage); their
+    # budgets are their keys' (count, page, and one billing.usage call: 3).
+    bob = world.client("bob")
+    with django_assert_num_queries(19):
+        assert bob.get("/overview/").status_code == 200
+
+
+def test_it_asserts_the_invoice_and_webhook_query_budgets(
+    world: World, django_assert_num_queries: Any
+) -> None:
+    client = world.client("root")
+    hook = f"/teams/{world.acme.id}/webhooks/{world.acme_webhook.public_id}/"
+    budgets = [
+        # 4 to sign in; team choices; count and page of invoices.
+        ("/invoices/", 7),
+        # 4; the invoice; its lines.
+        (f"/invoices/{world.acme_invoice.id}/", 6),
+        (f"/invoices/{world.acme_invoice.id}/invoice.csv", 6),
+        (f"/invoices/{world.acme_invoice.id}/print/", 6),
+        # 4; the team; its endpoints with their latest delivery.
+        (f"/teams/{world.acme.id}/webhooks/", 6),
+        # 4; the team; the endpoint.
+        (hook, 6),
+        # 4; the team; the endpoint; count and page of deliveries; their attempts.
+        (hook + "deliveries/", 9),
+    ]
+    for url, expected in budgets:
+        with django_assert_num_queries(expected):
+            assert client.get(url).status_code == 200, url
+
+
+# --- usage from the rollups --------------------------------------------------------------------
+
+
+def ledger_totals(**filters: Any) -> tuple[int, int]:
+    from django.db.models import Count, Sum
+
+    now = timezone.now()
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    sums = LedgerEntry.objects.filter(started_at__gte=start, **filters).aggregate(
+        n=Count("id"), spend=Sum("charged_cost_micro_usd")
+    )
+    return sums["n"], sums["spend"] or 0
+
+
+def test_it_adds_the_live_tail_to_the_rollups_exactly(world: World) -> None:
+    # After the world's rollup run: the live tail. One row this hour, one of an hour
+    # the rollups already hold (a late row), one of an earlier day.
+    now = timezone.now()
+    ledger_row(world.alice_key, model="gpt-late", cost=1_000_001, at=now - timedelta(minutes=1))
+    ledger_row(world.alice_key, model="gpt-late", cost=2_000_002, at=now - timedelta(minutes=6))
+    if now.day > 1:
+        ledger_row(world.bob_key, model="gpt-late", cost=3, at=now.replace(day=1, hour=1))
+    requests, spend = ledger_totals()
+    data = world.client("root").get("/overview/").context["data"]
+    assert (data.totals.requests, data.totals.spend_micro_usd) == (requests, spend)
+    rollups.rollups_update()
+    data = world.client("root").get("/overview/").context["data"]
+    assert (data.totals.requests, data.totals.spend_micro_usd) == (requests, spend)
+    acme = world.client("alice").get("/overview/").context["data"]
+    assert acme.totals.spend_micro_usd == ledger_totals(team_id=world.acme.id)[1]
+
+
+def test_it_scopes_rollup_usage_to_what_each_viewer_sees(world: World) -> None:
+    """Several teams (grouped results filtered per team) and a member's own keys."""
+    from gateway import services
+
+    initech = services.team_create(name="Initech")
+    hidden = services.team_create(name="Hidden")
+    Membership.objects.create(user=world.alice, team=initech, role=TeamRole.ADMIN)
+    Membership.objects.create(user=world.bob, team=hidden, role=TeamRole.MEMBER)
+    ledger_row(services.key_create(team=initech, name="i").key, model="gpt-initech", cost=7)
+    ledger_row(services.key_create(team=hidden, name="h").key, model="gpt-hidden", cost=9)
+    rollups.rollups_update()
+    ledger_row(world.alice_key, model="gpt-alice-tail", cost=11)  # after the cutoff
+
+    alice = world.client("alice").get("/usage/?group_by=model").context["page_obj"]
+    assert {r.group for r in alice} == {"gpt-test", "gpt-initech", "gpt-alice-tail"}
+    bob = world.client("bob").get("/usage/?group_by=model")
+    assert {r.group for r in bob.context["page_obj"]} == {"gpt-test"}  # his key's only
+    assert "gpt-hidden" not in text(bob) and "gpt-alice-tail" not in text(bob)
+    overview = world.client("bob").get("/overview/").context["data"]
+    assert overview.totals.spend_micro_usd == world.bob_row.charged_cost_micro_usd
+    assert [k.name for k in overview.top_keys] == ["bob-laptop"]
+
+
+def test_it_shows_nothing_to_someone_in_no_team(world: World) -> None:
+    client = world.client("dave")
+    data = client.get("/overview/").context["data"]
+    assert data.totals.requests == 0 and data.latency.requests == 0
+    assert list(client.get("/usage/").context["page_obj"]) == []
+    assert client.get("/invoices/").status_code == 403
+
+
+def test_it_groups_usage_by_tag(world: World) -> None:
+    ledger_row(world.bob_key, model="gpt-tagged", tags=["nightly", "evals"], cost=5)
+    rows = world.client("alice").get("/usage/?group_by=tag").context["page_obj"]
+    assert {(r.group, r.spend_micro_usd) for r in rows} == {("nightly", 5), ("evals", 5)}
+
+
+def test_it_shows_local_days_for_one_team_and_says_when_days_are_utc(world: World) -> None:
+    from gateway import services
+
+    paris = services.team_create(name="Paris", timezone="Europe/Paris")
+    Membership.objects.create(user=world.charlie, team=paris, role=TeamRole.ADMIN)
+    key = services.key_create(team=paris, name="p").key
+    # 00:30 in Paris on the 2nd is 23:30 UTC (or 22:30 in summer) on the 1st.
+    local = timezone.now().astimezone(ZoneInfo("Europe/Paris"))
+    if local.day == 1:
+        pytest.skip("needs a second day in this month")
+    moment = local.replace(day=2, hour=0, minute=30, second=0, microsecond=0)
+    ledger_row(key, model="gpt-paris", at=moment, cost=4_000_000)
+    rollups.rollups_update()
+    client = world.client("charlie")
+    one_team = client.get(f"/overview/?team={paris.id}")
+    data = one_team.context["data"]
+    assert not data.axis.utc_days
+    assert data.spend_by_model["gpt-paris"][data.days.index(moment.date())] == 4_000_000
+    assert "Days are UTC days" not in text(one_team)
+    # Two months of Paris days regrouped from hours would be too many rows: UTC days.
+    since = (local.date() - timedelta(days=60)).isoformat()
+    wide = client.get(f"/usage/?team={paris.id}&since={since}")
+    assert wide.context["axis"].utc_days and "per UTC day" in text(wide)
+    assert wide.context["totals"].spend_micro_usd == 4_000_000
+    # India's midnight falls on a half hour: hours cannot be regrouped, so UTC days too,
+    # and every row still lands on a day of the chart.
+    kolkata = services.team_create(name="Kolkata", timezone="Asia/Kolkata")
+    Membership.objects.create(user=world.charlie, team=kolkata, role=TeamRole.ADMIN)
+    ledger_row(services.key_create(team=kolkata, name="k").key, model="gpt-k", cost=5)
+    india = client.get(f"/overview/?team={kolkata.id}")
+    data = india.context["data"]
+    assert data.axis.utc_days and "Days are UTC days" in text(india)
+    assert sum(data.spend_by_model["gpt-k"]) == data.totals.spend_micro_usd == 5
+
+
+def test_it_labels_latency_as_a_sample_of_the_last_day(world: World) -> None:
+    for i, latency in enumerate((100, 200, 300, 400, 5000)):
+        ledger_row(world.alice_key, model=f"gpt-l{i}", latency_ms=latency)
+    two_days_ago = timezone.now() - timedelta(days=2)
+    ledger_row(world.alice_key, model="gpt-old", latency_ms=99_999, at=two_days_ago)
+    page = world.client("alice").get("/overview/")
+    latency = page.context["data"].latency
+    # alice's and bob's rows of the last 24 h (the world's at 300 ms): 300 is the median.
+    assert (latency.p50_ms, latency.p95_ms) == (300, 5000)
+    assert latency.requests == 6 and not latency.capped
+    assert "last 24 h" in text(page) and "not the usage rollups" in text(page)
+    usage_page = world.client("alice").get("/usage/")
+    assert "last 24 h" in text(usage_page)
+    assert not usage_page.context["charts"]["latency"].empty  # p50 and p95 per hour
+
+
+# --- invoices -------------------------------------------------------------------------------------
+
+
+def test_it_shows_a_finalized_invoice_with_its_number_lines_and_totals(world: World) -> None:
+    invoice = world.acme_invoice
+    assert invoice.number
+    page = text(world.client("alice").get(f"/invoices/{invoice.id}/"))
+    assert invoice.number in page and "Finalized" in page
+    assert "gpt-test" in page and "gpt-other" in page
+    assert "$2.25" in page  # 2.00 + 0.25, the total, to the micro-dollar
+    for role in ("root", "fiona"):
+        assert invoice.number in text(world.client(role).get("/invoices/"))
+
+
+@pytest.mark.parametrize(
+    ("role", "finalize", "void"),
+    [
+        ("root", True, True),
+        ("fiona", True, True),
+        ("alice", False, False),
+        ("charlie", False, False),
+    ],
+)
+def test_it_shows_finalize_and_void_buttons_by_role(
+    world: World, role: str, finalize: bool, void: bool
+) -> None:
+    client = world.client(role)
+    issued = world.acme_invoice if role != "charlie" else world.globex_invoice
+    page = text(client.get(f"/invoices/{issued.id}/"))
+    assert ('data-testid="void"' in page) is void
+    assert 'data-testid="finalize"' not in page  # finalized: nothing to finalize
+    draft = client.get(f"/invoices/{world.acme_draft.id}/")
+    if finalize:
+        assert 'data-testid="finalize"' in text(draft)
+        assert 'data-testid="void"' not in text(draft)  # a draft is not voided
+    else:
+        assert draft.status_code == 404
+
+
+def test_it_drafts_finalizes_and_voids_an_invoice(world: World) -> None:
+    client = world.client("fiona")
+    draft = world.acme_draft
+    page = text(client.get(f"/invoices/{draft.id}/"))
+    year, month = month_ago(2)
+    assert "Draft invoice" in page and "Adjustments" in page
+    assert f"{year:04d}-{month:02d}</td>" in page  # the month the late usage belongs to
+    response = client.post(f"/invoices/{draft.id}/finalize/", follow=True)
+    draft.refresh_from_db()
+    assert draft.status == "finalized" and draft.number
+    assert f"Invoice {draft.number} finalized" in text(response)
+    # Only the latest finalized invoice can be voided: billing says why, on the page.
+    refused = client.post(
+        f"/invoices/{world.acme_invoice.id}/void/", {"reason": "typo"}, follow=True
+    )
+    assert "Only the team&#x27;s latest finalized invoice" in text(refused)
+    no_reason = client.post(f"/invoices/{draft.id}/void/", {"reason": " "}, follow=True)
+    assert "Say why" in text(no_reason)
+    client.post(f"/invoices/{draft.id}/void/", {"reason": "wrong markup"})
+    draft.refresh_from_db()
+    assert draft.status == "void" and draft.void_reason == "wrong markup"
+    assert "wrong markup" in text(client.get(f"/invoices/{draft.id}/"))
+    # A month that has not ended cannot be drafted.
+    this_month = timezone.now().strftime("%Y-%m")
+    early = client.post("/invoices/draft/", {"team": world.acme.id, "month": this_month})
+    assert early.status_code == 400 and "has not ended yet" in text(early)
+
+
+def test_it_filters_and_pages_the_invoice_list(world: World) -> None:
+    client = world.client("root")
+    finalized = client.get("/invoices/?status=finalized").context["page_obj"]
+    assert {i.id for i in finalized} == {world.acme_invoice.id, world.globex_invoice.id}
+    by_team = client.get(f"/invoices/?team={world.globex.id}").context["page_obj"]
+    assert [i.id for i in by_team] == [world.globex_invoice.id]
+    year, month = month_ago(1)
+    by_month = client.get(f"/invoices/?period={year:04d}-{month:02d}").context["page_obj"]
+    assert {i.id for i in by_month} == {world.acme_draft.id, world.globex_invoice.id}
+    bad = client.get("/invoices/?period=March")
+    assert "Use a month as YYYY-MM" in text(bad)
+    # A team admin: their team's issued invoices only, never drafts.
+    alice = world.client("alice").get("/invoices/").context["page_obj"]
+    assert [i.id for i in alice] == [world.acme_invoice.id]
+
+
+def test_it_exports_an_invoice_as_csv_and_printable_html(world: World) -> None:
+    client = world.client("alice")
+    invoice = world.acme_invoice
+    export = client.get(f"/invoices/{invoice.id}/invoice.csv")
+    assert export["Content-Type"].startswith("text/csv")
+    assert f"{invoice.number}-{invoice.period_label}.csv" in export["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(export.content.decode())))
+    assert [r["amount_usd"] for r in rows if r["kind"] == "total"] == ["2.250000"]
+    printable = client.get(f"/invoices/{invoice.id}/print/")
+    assert printable["Content-Type"].startswith("text/html")
+    assert invoice.number and invoice.number in text(printable) and "@page" in text(printable)
+
+
+# --- webhooks and alert recipients ------------------------------------------------------------
+
+
+def test_it_shows_a_webhook_signing_secret_once(world: World) -> None:
+    client = world.client("alice")
+    response = client.post(
+        f"/teams/{world.acme.id}/webhooks/new/",
+        {"url": "https://hooks.acme.example/new", "events": ["invoice.finalized"]},
+    )
+    assert response.status_code == 201
+    secret = response.context["secret"]
+    assert secret.startswith("whsec_") and secret in text(response)
+    assert "no-store" in response["Cache-Control"]
+    endpoint = WebhookEndpoint.objects.get(url="https://hooks.acme.example/new")
+    assert endpoint.events == ["invoice.finalized"]
+    assert secret not in endpoint.secret_encrypted
+    for url in (
+        f"/teams/{world.acme.id}/webhooks/",
+        f"/teams/{world.acme.id}/webhooks/{endpoint.public_id}/",
+        f"/teams/{world.acme.id}/",
+        "/audit/",
+    ):
+        page = text(client.get(url))
+        assert secret not in page and endpoint.secret_encrypted not in page, url
+    assert f"whsec_…{secret[-4:]}" in text(client.get(f"/teams/{world.acme.id}/webhooks/"))
+
+
+def test_it_validates_a_webhook_with_clear_messages(world: World) -> None:
+    response = world.client("alice").post(
+        f"/teams/{world.acme.id}/webhooks/new/", {"url": "ftp://127.0.0.1/x"}
+    )
+    assert response.status_code == 400
+    assert "http:// or https://" in str(response.context["form"].errors["url"])
+    local = world.client("alice").post(
+        f"/teams/{world.acme.id}/webhooks/new/", {"url": "http://10.0.0.8/hook"}
+    )
+    assert "private" in str(local.context["form"].errors["url"])
+
+
+def test_it_edits_disables_and_deletes_a_webhook(world: World) -> None:
+    client = world.client("alice")
+    url = f"/teams/{world.acme.id}/webhooks/{world.acme_webhook.public_id}/"
+    response = client.post(url, {"url": "https://hooks.acme.example/v2", "description": "pager"})
+    assert response.status_code == 302
+    world.acme_webhook.refresh_from_db()
+    assert world.acme_webhook.url == "https://hooks.acme.example/v2"
+    assert not world.acme_webhook.enabled and world.acme_webhook.events == []
+    client.post(url + "delete/")
+    assert not WebhookEndpoint.objects.filter(id=world.acme_webhook.id).exists()
+    assert not WebhookDelivery.objects.filter(id=world.acme_delivery.id).exists()
+
+
+def test_it_logs_every_delivery_attempt(world: World) -> None:
+    page = world.client("alice").get(
+        f"/teams/{world.acme.id}/webhooks/{world.acme_webhook.public_id}/deliveries/"
+    )
+    body = text(page)
+    assert "evt_world_1" in body and "budget.exceeded" in body
+    assert "ConnectTimeout: timed out" in body and "HTTP 200" in body
+    assert "10 s" in body and "87 ms" in body
+    assert body.count('data-testid="attempt"') == 2
+
+
+def test_it_edits_the_alert_recipients_on_the_team_page(world: World) -> None:
+    client = world.client("alice")
+    url = f"/teams/{world.acme.id}/alerts/"
+    bad = client.post(url, {"alert_emails": "ops@acme.example, not-an-address"})
+    assert bad.status_code == 400 and "is not an email address" in text(bad)
+    assert notifications.notification_settings_get(team_id=world.acme.id).alert_emails == []
+    client.post(url, {"alert_emails": "ops@acme.example\ncfo@acme.example, ops@acme.example"})
+    saved = notifications.notification_settings_get(team_id=world.acme.id).alert_emails
+    assert saved == ["ops@acme.example", "cfo@acme.example"]
+    assert "cfo@acme.example" in text(client.get(f"/teams/{world.acme.id}/"))
+    # Finance reads them and cannot edit them.
+    finance = text(world.client("fiona").get(f"/teams/{world.acme.id}/"))
+    assert "cfo@acme.example" in finance and "Save recipients" not in finance

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import openai
@@ -27,7 +28,8 @@ async def _fire(base_url: str, secret: str, model: str, count: int, max_tokens: 
             return 200
         except openai.APIStatusError as exc:
             assert exc.status_code == 429, exc.response.text
-            assert exc.body["type"] == "insufficient_quota", exc.body
+            body: Any = exc.body
+            assert body["type"] == "insufficient_quota", body
             return 429
 
     try:
@@ -83,15 +85,18 @@ def test_it_never_admits_more_than_the_budget_under_200_concurrent_requests(
     assert int(state[b"spent"]) == spent
     assert int(state[b"reserved"]) == 0
     # No open reservation still points at this key's counter.
-    open_reservations = counters.hvals("gw:res:val")
-    assert not [v for v in open_reservations if key_counter[0] in v]
+    open_reservations: list[bytes] = counters.hvals("gw:res:val")  # type: ignore[assignment]
+    counter_name: bytes = key_counter[0]  # type: ignore[assignment]
+    assert not [v for v in open_reservations if counter_name in v]
 
 
-def test_it_gives_no_false_refusals_to_a_key_at_half_its_budget(spawn_gateway, make_model, make_key):
+def test_it_gives_no_false_refusals_to_a_key_at_half_its_budget(
+    spawn_gateway, make_model, make_key
+):
     gateway = spawn_gateway(workers=2)
     name = f"half-{uuid.uuid4().hex[:8]}"
     model = make_model(name=name, provider_model=f"openai/{name};output_tokens=40")
-    # 100 requests reserve at most ~ (prompt + 60 × 2) micro-USD each; give twice that.
+    # 100 requests reserve at most ~ (prompt + 60 * 2) micro-USD each; give twice that.
     roomy = make_key(max_budget_micro_usd=100 * 2 * 200)
 
     results = asyncio.run(_fire(gateway.v1, roomy.secret, model.name, 100, max_tokens=60))

@@ -35,7 +35,9 @@ def test_it_calls_upstream_once_for_five_concurrent_repeats(
     key = f"idem-{uuid.uuid4()}"
 
     with ThreadPoolExecutor(5) as pool:
-        responses = list(pool.map(lambda _: _post(live_gateway.v1, issued.secret, body, key), range(5)))
+        responses = list(
+            pool.map(lambda _: _post(live_gateway.v1, issued.secret, body, key), range(5))
+        )
 
     assert [r.status_code for r in responses] == [200] * 5
     assert len({r.content for r in responses}) == 1  # every copy got the first result
@@ -50,14 +52,26 @@ def test_it_refuses_the_same_key_with_a_different_body(live_gateway, make_model,
     model = make_model()
     issued = make_key()
     key = f"idem-{uuid.uuid4()}"
-    first = _post(live_gateway.v1, issued.secret, {"model": model.name, "messages": [{"role": "user", "content": "a"}]}, key)
-    second = _post(live_gateway.v1, issued.secret, {"model": model.name, "messages": [{"role": "user", "content": "b"}]}, key)
+    first = _post(
+        live_gateway.v1,
+        issued.secret,
+        {"model": model.name, "messages": [{"role": "user", "content": "a"}]},
+        key,
+    )
+    second = _post(
+        live_gateway.v1,
+        issued.secret,
+        {"model": model.name, "messages": [{"role": "user", "content": "b"}]},
+        key,
+    )
     assert first.status_code == 200
     assert second.status_code == 409
     assert second.json()["error"]["code"] == "idempotency_key_reused"
 
 
-def test_it_scopes_idempotency_keys_to_the_virtual_key(live_gateway, mock_upstream, make_model, make_key):
+def test_it_scopes_idempotency_keys_to_the_virtual_key(
+    live_gateway, mock_upstream, make_model, make_key
+):
     name = f"idem-{uuid.uuid4().hex[:8]}"
     make_model(name=name)
     alice, charlie = make_key(), make_key()
@@ -70,7 +84,9 @@ def test_it_scopes_idempotency_keys_to_the_virtual_key(live_gateway, mock_upstre
     assert mock_upstream.calls(name) == 2
 
 
-def test_it_lets_a_failed_request_be_retried_with_the_same_key(live_gateway, mock_upstream, make_model, make_key):
+def test_it_lets_a_failed_request_be_retried_with_the_same_key(
+    live_gateway, mock_upstream, make_model, make_key
+):
     name = f"idem-{uuid.uuid4().hex[:8]}"
     # A provider 400 is not retried by the gateway, so the first request fails.
     upstream_model = f"{name};fail_first=1;status=400"

@@ -37,13 +37,17 @@ def test_it_never_delivers_a_response_without_a_ledger_row(spawn_gateway, make_m
             while not stop.is_set():
                 try:
                     if stream:
-                        with client.stream("POST", f"{gateway.v1}/chat/completions", json=body, headers=headers) as r:
+                        with client.stream(
+                            "POST", f"{gateway.v1}/chat/completions", json=body, headers=headers
+                        ) as r:
                             lines = list(r.iter_lines())
                             if r.status_code == 200 and lines and lines[-1] == "data: [DONE]":
                                 with lock:
                                     delivered.append(r.headers["x-request-id"])
                     else:
-                        r = client.post(f"{gateway.v1}/chat/completions", json=body, headers=headers)
+                        r = client.post(
+                            f"{gateway.v1}/chat/completions", json=body, headers=headers
+                        )
                         if r.status_code == 200 and r.json()["choices"]:
                             with lock:
                                 delivered.append(r.headers["x-request-id"])
@@ -61,6 +65,8 @@ def test_it_never_delivers_a_response_without_a_ledger_row(spawn_gateway, make_m
         thread.join(15)
 
     assert len(delivered) > 20  # the gateway really was serving when it died
-    rows = set(LedgerEntry.objects.filter(request_id__in=delivered).values_list("request_id", flat=True))
+    rows = set(
+        LedgerEntry.objects.filter(request_id__in=delivered).values_list("request_id", flat=True)
+    )
     missing = [rid for rid in delivered if rid not in rows]
     assert missing == []

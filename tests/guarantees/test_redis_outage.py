@@ -8,6 +8,7 @@ GATEWAY_REDIS_TIMEOUT_SECONDS; keys with neither never touch Redis.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import openai
 import pytest
@@ -22,7 +23,7 @@ def test_it_fails_fast_while_redis_is_stopped_and_recovers_without_restart(
     model = make_model()
     budgeted = make_key(max_budget_micro_usd=1_000_000)
     unlimited = make_key()
-    messages = [{"role": "user", "content": "hi"}]
+    messages: Any = [{"role": "user", "content": "hi"}]
     budgeted_client = openai.OpenAI(base_url=gateway.v1, api_key=budgeted.secret, max_retries=0)
     unlimited_client = openai.OpenAI(base_url=gateway.v1, api_key=unlimited.secret, max_retries=0)
     budgeted_client.chat.completions.create(model=model.name, messages=messages)
@@ -36,7 +37,8 @@ def test_it_fails_fast_while_redis_is_stopped_and_recovers_without_restart(
                 budgeted_client.chat.completions.create(model=model.name, messages=messages)
             durations.append(time.monotonic() - started)
             assert refused.value.status_code == 503
-            assert refused.value.body["code"] == "budget_service_unavailable"
+            body: Any = refused.value.body
+            assert body["code"] == "budget_service_unavailable"
         # Bounded by the Redis timeouts, not hung.
         assert max(durations) < 2.0, durations
         reply = unlimited_client.chat.completions.create(model=model.name, messages=messages)

@@ -13,9 +13,15 @@ pytestmark = pytest.mark.e2e
 
 def _read_chunks_then_hang_up(url: str, secret: str, model: str, chunks: int) -> str:
     body = {"model": model, "messages": [{"role": "user", "content": "long story"}], "stream": True}
-    with httpx.Client(timeout=30) as client, client.stream(
-        "POST", f"{url}/chat/completions", json=body, headers={"authorization": f"Bearer {secret}"}
-    ) as response:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{url}/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {secret}"},
+        ) as response,
+    ):
         assert response.status_code == 200, response.read()
         request_id = response.headers["x-request-id"]
         seen = 0
@@ -67,7 +73,10 @@ def test_it_bills_a_stream_whose_client_disconnects_after_3_chunks(
 
         full = httpx.post(
             f"{mock_upstream.api_base}/chat/completions",
-            json={"model": f"{name}{controls}", "messages": [{"role": "user", "content": "long story"}]},
+            json={
+                "model": f"{name}{controls}",
+                "messages": [{"role": "user", "content": "long story"}],
+            },
             timeout=30,
         ).json()["choices"][0]["message"]["content"]
         expected = litellm.token_counter(model=name, text=full, count_response_tokens=True)
