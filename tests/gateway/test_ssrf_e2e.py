@@ -8,11 +8,8 @@ naming the offending path, and the canary must see nothing.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import httpx
 import openai
@@ -27,78 +24,15 @@ from tests.gateway.support import (
     content_of,
     first_tool_call,
 )
+from tests.support import Canary, open_canary
 
 pytestmark = pytest.mark.e2e
 
 
-@dataclass
-class Canary:
-    port: int
-    sockets: list[socket.socket] = field(default_factory=list)
-    accepted: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def urls(self) -> list[str]:
-        return [
-            f"http://127.0.0.1:{self.port}",
-            f"http://0.0.0.0:{self.port}",
-            f"http://[::1]:{self.port}",
-        ]
-
-    def count(self) -> int:
-        with self.lock:
-            return self.accepted
-
-    def serve(self, listener: socket.socket) -> None:
-        listener.settimeout(0.05)
-        while not self.stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            with self.lock:
-                self.accepted += 1
-            conn.close()
-
-
 @pytest.fixture
 def canary() -> Iterator[Canary]:
-    v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    v4.bind(("127.0.0.1", 0))
-    v4.listen(64)
-    trap = Canary(port=v4.getsockname()[1], sockets=[v4])
-    # The same port on ::1 too, so an IPv6 loopback URL is caught as well (when IPv6 exists).
-    try:
-        v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        v6.bind(("::1", trap.port))
-        v6.listen(64)
-        trap.sockets.append(v6)
-    except OSError:
-        pass
-    threads = [threading.Thread(target=trap.serve, args=(s,), daemon=True) for s in trap.sockets]
-    for thread in threads:
-        thread.start()
-    # Prove the canary counts before trusting a zero from it.
-    with socket.create_connection(("127.0.0.1", trap.port), timeout=2):
-        pass
-    deadline = time.monotonic() + 2
-    while trap.count() < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert trap.count() == 1, "the canary listener does not count connections"
-    with trap.lock:
-        trap.accepted = 0
-    try:
+    with open_canary() as trap:
         yield trap
-    finally:
-        trap.stop.set()
-        for thread in threads:
-            thread.join(2)
-        for sock in trap.sockets:
-            sock.close()
 
 
 def settle_and_count(trap: Canary) -> int:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,83 +18,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import ROOT
-
-# --- a canary: counts every TCP connection made to it ----------------------------------------
-
-
-@dataclass
-class Canary:
-    port: int
-    sockets: list[socket.socket] = field(default_factory=list)
-    accepted: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def hosts(self) -> list[str]:
-        """Loopback spellings an attacker would try, all pointing at this listener."""
-        return [f"127.0.0.1:{self.port}", f"0.0.0.0:{self.port}", f"[::1]:{self.port}"]
-
-    def count(self) -> int:
-        with self.lock:
-            return self.accepted
-
-    def settled_count(self) -> int:
-        # Give any stray outbound connection time to land before reading the counter.
-        time.sleep(0.3)
-        return self.count()
-
-    def serve(self, listener: socket.socket) -> None:
-        listener.settimeout(0.05)
-        while not self.stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            with self.lock:
-                self.accepted += 1
-            conn.close()
-
-
-@contextlib.contextmanager
-def open_canary() -> Iterator[Canary]:
-    v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    v4.bind(("127.0.0.1", 0))
-    v4.listen(128)
-    trap = Canary(port=v4.getsockname()[1], sockets=[v4])
-    # The same port on ::1, so an IPv6 loopback URL is counted too (where IPv6 exists).
-    try:
-        v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        v6.bind(("::1", trap.port))
-        v6.listen(128)
-        trap.sockets.append(v6)
-    except OSError:
-        pass
-    threads = [threading.Thread(target=trap.serve, args=(s,), daemon=True) for s in trap.sockets]
-    for thread in threads:
-        thread.start()
-    # Prove the canary counts (on every address family it listens on) before trusting a 0.
-    families = [("127.0.0.1", trap.port)] + ([("::1", trap.port)] if len(trap.sockets) > 1 else [])
-    for address in families:
-        with socket.create_connection(address, timeout=2):
-            pass
-    deadline = time.monotonic() + 2
-    while trap.count() < len(families) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert trap.count() == len(families), "the canary listener does not count connections"
-    with trap.lock:
-        trap.accepted = 0
-    try:
-        yield trap
-    finally:
-        trap.stop.set()
-        for thread in threads:
-            thread.join(2)
-        for sock in trap.sockets:
-            sock.close()
-
+from tests.support import Canary, CeleryWorker, open_canary, wait_for  # noqa: F401 - re-exported
 
 # --- a redirector: answers everything with a 302 to a target ----------------------------------
 
@@ -148,47 +69,7 @@ def open_redirector(target: str) -> Iterator[Redirector]:
 # --- Celery workers of our own ------------------------------------------------------------------
 
 
-def wait_for(
-    check: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
-        time.sleep(interval)
-
-
-@dataclass
-class ProofWorker:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill9(self) -> None:
-        """SIGKILL the worker's whole process group (main process and pool children)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-        except ProcessLookupError:
-            pass
-
-
-def spawn_worker(env: dict[str, str], log_dir: Path, queues: str) -> ProofWorker:
+def spawn_worker(env: dict[str, str], log_dir: Path, queues: str) -> CeleryWorker:
     """A prefork worker consuming `queues` only, in its own process group (not ready yet)."""
     name = f"proof-{uuid.uuid4().hex[:8]}"
     log_path = log_dir / f"{name}.log"
@@ -218,10 +99,10 @@ def spawn_worker(env: dict[str, str], log_dir: Path, queues: str) -> ProofWorker
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: killpg reaches the pool children
     )
-    return ProofWorker(name, process, log_path)
+    return CeleryWorker(name, process, log_path)
 
 
-def wait_ready(worker: ProofWorker, timeout: float = 90) -> ProofWorker:
+def wait_ready(worker: CeleryWorker, timeout: float = 90) -> CeleryWorker:
     from config.celery import app
 
     destination = f"{worker.name}@{socket.gethostname()}"
@@ -239,7 +120,7 @@ def wait_ready(worker: ProofWorker, timeout: float = 90) -> ProofWorker:
     return worker
 
 
-def start_worker(env: dict[str, str], log_dir: Path, queues: str) -> ProofWorker:
+def start_worker(env: dict[str, str], log_dir: Path, queues: str) -> CeleryWorker:
     return wait_ready(spawn_worker(env, log_dir, queues))
 
 

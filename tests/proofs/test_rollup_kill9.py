@@ -25,7 +25,7 @@ import redis
 from django.db import connection
 
 from tests.conftest import LiveGateway, gateway_env
-from tests.proofs.support import ProofWorker, spawn_worker, wait_for, wait_ready
+from tests.proofs.support import CeleryWorker, spawn_worker, wait_for, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -63,9 +63,9 @@ def workers(
     """Start workers on a queue of this test's own; all are stopped afterwards."""
     env = gateway_env(services_env)
     queue = f"proofs-rollup-{uuid.uuid4().hex[:8]}"
-    started: list[ProofWorker] = []
+    started: list[CeleryWorker] = []
 
-    def start() -> ProofWorker:
+    def start() -> CeleryWorker:
         worker = spawn_worker(env, tmp_path, queue)
         started.append(worker)
         return worker

@@ -36,7 +36,7 @@ from django.conf import settings
 from django.test import override_settings
 
 from tests.conftest import LiveGateway, gateway_env
-from tests.proofs.support import ProofWorker, dashboard_login, start_worker, wait_for
+from tests.proofs.support import CeleryWorker, dashboard_login, start_worker, wait_for
 from tests.workers.conftest import WORKER_ENV
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ CLAUDE = "claude-3-5-haiku-20241022"
 @pytest.fixture
 def worker(
     live_gateway: LiveGateway, services_env: dict[str, str], tmp_path: Path
-) -> Iterator[ProofWorker]:
+) -> Iterator[CeleryWorker]:
     """A worker on the default queue (batches, webhooks), stopped when the test ends."""
     env = gateway_env(services_env, **WORKER_ENV)
     found = start_worker(env, tmp_path, "celery")

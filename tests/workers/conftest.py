@@ -8,16 +8,12 @@ name through the broker: nothing here runs eagerly.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, LiveGateway, gateway_env
+from tests.support import CeleryWorker, wait_for
 
 WORKER_ENV = {
     # Tests deliver webhooks to a receiver on 127.0.0.1.
@@ -37,54 +34,14 @@ WORKER_ENV = {
 }
 
 
-def wait_for(
-    check: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
-        time.sleep(interval)
-
-
-@dataclass
-class Worker:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill9(self) -> None:
-        """SIGKILL the worker's whole process tree (main process and pool children)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-        except ProcessLookupError:
-            pass
-
-
 @dataclass
 class Workers:
     env: dict[str, str]
     log_dir: Path
-    started: list[Worker] = field(default_factory=list)
-    current: Worker | None = None
+    started: list[CeleryWorker] = field(default_factory=list)
+    current: CeleryWorker | None = None
 
-    def start(self) -> Worker:
+    def start(self) -> CeleryWorker:
         from config.celery import app
 
         name = f"w{len(self.started)}-{uuid.uuid4().hex[:6]}"
@@ -112,7 +69,7 @@ class Workers:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: killpg reaches the children
         )
-        worker = Worker(name, process, log_path)
+        worker = CeleryWorker(name, process, log_path)
         self.started.append(worker)
         destination = f"{name}@{socket.gethostname()}"
 
@@ -125,7 +82,7 @@ class Workers:
         self.current = worker
         return worker
 
-    def ensure(self) -> Worker:
+    def ensure(self) -> CeleryWorker:
         if self.current is None or self.current.process.poll() is not None:
             return self.start()
         return self.current
@@ -157,7 +114,7 @@ def celery_workers(
 
 
 @pytest.fixture
-def worker(celery_workers: Workers) -> Worker:
+def worker(celery_workers: Workers) -> CeleryWorker:
     """A running worker (the one a previous test killed is replaced)."""
     return celery_workers.ensure()
 
