@@ -28,6 +28,35 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
 
+def _flush_retrying_deadlocks() -> None:
+    """Retry the transactional tests' table flush when Postgres picks it as a deadlock victim.
+
+    The flush TRUNCATEs every table while a live gateway or a Celery worker from the test
+    may still be finishing a write (a stream's billing, an alert, a redelivered task);
+    Postgres then aborts one side. Retrying the flush is safe: it only empties tables.
+    """
+    from django.db.utils import OperationalError
+    from django.test.testcases import TransactionTestCase
+
+    # A private method of Django's test case (not in the type stubs).
+    original = TransactionTestCase._fixture_teardown  # type: ignore[attr-defined]
+
+    def teardown(self: TransactionTestCase) -> None:
+        for attempt in range(5):
+            try:
+                original(self)
+                return
+            except OperationalError as exc:
+                if "deadlock" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.5)
+
+    TransactionTestCase._fixture_teardown = teardown  # type: ignore[attr-defined]
+
+
+_flush_retrying_deadlocks()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("e2e"):
