@@ -8,11 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -21,7 +17,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.mock_upstream.conftest import tokens
 
 WEATHER_TOOL: Any = {
     "type": "function",
@@ -69,41 +65,6 @@ CLAUDE_TOOL: Any = {
     "input_schema": WEATHER_TOOL["function"]["parameters"],
 }
 HELLO: Any = [{"role": "user", "content": "Hello, mock!"}]
-
-
-def tokens(text: str) -> int:
-    """The mock's documented counting rule."""
-    return math.ceil(len(text.encode()) / 4)
-
-
-@pytest.fixture(scope="session")
-def mock_url() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.mock_upstream", "--host", "127.0.0.1", "--port", "0"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("mock upstream listening on http://127.0.0.1:"), line
-    yield line.rsplit(" ", 1)[1].strip()
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(autouse=True)
-def fresh_counts(mock_url: str) -> None:
-    httpx.post(f"{mock_url}/_mock/reset").raise_for_status()
-
-
-@pytest.fixture
-def oai(mock_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{mock_url}/v1", api_key="x", max_retries=0)
 
 
 @pytest.fixture
