@@ -20,5 +20,5 @@ RUN useradd --system --uid 10001 --home-dir /app gateway \
 USER gateway
 
 EXPOSE 8000
-CMD ["python", "-m", "uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", \
-     "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--lifespan", "off"]
+# One worker per core by default (GATEWAY_WORKERS overrides); see config/serve.py.
+CMD ["python", "-m", "config.serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -6,12 +6,13 @@ does), which provides private Postgres and Redis. This script starts, and always
 - the floor: nginx answering a fixed chat completion (`/json/v1/chat/completions`) and
   a fixed 20-chunk SSE stream (`/stream/v1/chat/completions`) from `return 200 '...'`;
 - the peer: LiteLLM's proxy (bench/.venv-litellm) in front of that nginx;
-- us: the gateway in production mode under uvicorn and under granian, with virtual-key
-  auth, budget admission, rpm/tpm limits and ledger writes on.
+- us: the gateway in production mode, with virtual-key auth, budget admission, rpm/tpm
+  limits and ledger writes on, under each of SERVERS: our pre-forking server
+  (`python -m config.serve`, what production runs), `uvicorn --workers` and granian.
 
 Each repetition measures every target in turn (the order alternates between
 repetitions): sequential latency, streaming time to first byte, throughput at a fixed
-concurrency for JSON and streams (wrk), server CPU per request, peak RSS and start-up
+concurrency for JSON and streams (wrk), server CPU per request, peak RSS and PSS, and start-up
 time. Then one long run on our primary server measures memory growth, a py-spy profile
 is taken under load, and the ledger is checked against the successful requests. Results
 go to bench/results/latest.json and to the table in README.md (Performance).
@@ -19,7 +20,7 @@ go to bench/results/latest.json and to the table in README.md (Performance).
 Knobs (environment): BENCH_REPS (2), BENCH_DURATION (15 s), BENCH_CONNECTIONS (32),
 BENCH_SEQUENTIAL (300), BENCH_STREAMS (100), BENCH_WARMUP (3 s), BENCH_GROWTH_REQUESTS
 (100000, 0 skips), BENCH_GROWTH_CHUNK (10 s), BENCH_WORKERS (cores), BENCH_WRK_THREADS
-(2), BENCH_SERVERS ("uvicorn,granian"; the first is the primary), BENCH_PEER (1),
+(2), BENCH_SERVERS ("prefork,uvicorn,granian"; the first is the primary), BENCH_PEER (1),
 BENCH_PROFILE (1).
 """
 
@@ -99,6 +100,13 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
+# How our gateway can be served; the first is what production runs (Dockerfile).
+#   prefork: `python -m config.serve`: imports the app once, forks uvicorn workers
+#   uvicorn: `uvicorn --workers N`: spawns N interpreters, each importing the app
+#   granian: `granian --workers N`: forks N workers, each importing the app
+SERVERS = ("prefork", "uvicorn", "granian")
+
+
 @dataclass(frozen=True)
 class Config:
     reps: int
@@ -118,12 +126,12 @@ class Config:
     @classmethod
     def from_env(cls) -> Config:
         servers = tuple(
-            s.strip() for s in os.environ.get("BENCH_SERVERS", "uvicorn,granian").split(",")
+            s.strip() for s in os.environ.get("BENCH_SERVERS", ",".join(SERVERS)).split(",")
         )
         servers = tuple(s for s in servers if s)
-        unknown = [s for s in servers if s not in ("uvicorn", "granian")]
+        unknown = [s for s in servers if s not in SERVERS]
         if unknown or not servers:
-            sys.exit(f"bench: BENCH_SERVERS takes uvicorn and/or granian, got {servers}")
+            sys.exit(f"bench: BENCH_SERVERS takes some of {', '.join(SERVERS)}; got {servers}")
         connections = _env_int("BENCH_CONNECTIONS", 32, minimum=1)
         return cls(
             reps=_env_int("BENCH_REPS", 2, minimum=1),
@@ -355,6 +363,23 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size: a page shared by k processes counts 1/k in each.
+
+    Summed over a tree it is the memory the tree really holds. RSS counts a shared
+    page once per process, so it overstates a tree of forked workers that share
+    their imported modules copy-on-write; for spawned workers the two nearly agree.
+    """
+    total = 0
+    for pid in pids:
+        with suppress(OSError, IndexError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
 class Processes:
     """Everything this run started, each in its own process group, stopped by its pid."""
 
@@ -449,7 +474,7 @@ def wait_ready(
 
 
 class RssSampler:
-    """Peak RSS of a process tree, sampled every 0.2 s by a separate process.
+    """Peak RSS and PSS of a process tree, sampled every 0.2 s by a separate process.
 
     A separate process, so that the sampling never holds this process's GIL while it
     times requests.
@@ -464,7 +489,8 @@ class RssSampler:
             stdout=subprocess.PIPE,
         )
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
+        """(peak RSS, peak PSS) in bytes; zeros when the sampler said nothing."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -473,9 +499,10 @@ class RssSampler:
             out = b""
         self.procs.stop(self.proc)
         try:
-            return int(json.loads(out.decode().strip().splitlines()[-1])["peak_rss"])
+            peaks = json.loads(out.decode().strip().splitlines()[-1])
+            return int(peaks["peak_rss"]), int(peaks["peak_pss"])
         except (ValueError, IndexError, KeyError):
-            return 0
+            return 0, 0
 
 
 def sample_main(root: int, interval: float) -> None:
@@ -486,15 +513,16 @@ def sample_main(root: int, interval: float) -> None:
         stopping = True
 
     signal.signal(signal.SIGTERM, on_term)
-    peak = 0
+    peak_rss = peak_pss = 0
     deadline = time.monotonic() + 6 * 3600
     while not stopping and time.monotonic() < deadline:
         pids = process_tree(root)
         if not pids:
             break
-        peak = max(peak, rss_bytes(pids))
+        peak_rss = max(peak_rss, rss_bytes(pids))
+        peak_pss = max(peak_pss, pss_bytes(pids))
         time.sleep(interval)
-    print(json.dumps({"peak_rss": peak}), flush=True)
+    print(json.dumps({"peak_rss": peak_rss, "peak_pss": peak_pss}), flush=True)
 
 
 # --- clients --------------------------------------------------------------------------
@@ -715,7 +743,10 @@ class Bench:
         py = str(PROJECT_PY)
         env = dict(self.gateway_env)
         workers = str(self.cfg.workers)
-        if server == "uvicorn":
+        if server == "prefork":
+            args = [py, "-m", "config.serve", "--host", HOST, "--port", str(port)]
+            args += ["--workers", workers]
+        elif server == "uvicorn":
             args = [py, "-m", "uvicorn", "config.asgi:application"]
             args += ["--host", HOST, "--port", str(port), "--workers", workers]
             args += ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]
@@ -857,10 +888,11 @@ class Bench:
                 if services:
                     metrics[f"svc_cpu_{kind}_ms"] = (svc1 - svc0) * 1000 / served
         finally:
-            peak = sampler.stop()
+            peak_rss, peak_pss = sampler.stop()
             if server is not None:
                 self.procs.stop(server.proc)
-        metrics["peak_rss_mb"] = peak / MB
+        metrics["peak_rss_mb"] = peak_rss / MB
+        metrics["peak_pss_mb"] = peak_pss / MB
         return metrics
 
     def _service_pids(self) -> list[int]:
@@ -1111,6 +1143,7 @@ ROWS = [
     Row("  + Postgres/Redis CPU per JSON request, ms", "svc_cpu_json_ms", floor=False),
     Row("  + Postgres/Redis CPU per stream, ms", "svc_cpu_stream_ms", floor=False),
     Row("Peak RSS of the server tree, MB", "peak_rss_mb", "ratio<=", 0.5),
+    Row("Peak PSS of the server tree (shared pages once), MB", "peak_pss_mb", "ratio<=", 0.5),
     Row("Start-up to ready, s", "startup_s", "abs<=", 5.0, floor=False),
 ]
 

@@ -13,9 +13,8 @@ PORT=${PORT:-8000}
 MOCK_PORT=${MOCK_PORT:-9100}
 MOCK_URL="http://127.0.0.1:$MOCK_PORT"
 
-# One variable, so the server can be swapped (e.g. for granian) after measuring.
-SERVER=("$PY" -m uvicorn config.asgi:application --host 127.0.0.1 --port "$PORT"
-    --loop uvloop --http httptools --no-access-log --lifespan off)
+# The production server (config/serve.py); one worker, as the demo runs on SQLite.
+SERVER=("$PY" -m config.serve --host 127.0.0.1 --port "$PORT" --workers 1)
 
 [[ -x $PY ]] || {
     echo "run: $PY is missing; use 'make run'" >&2
@@ -95,7 +94,7 @@ while True:
 EOF
 
 "$PY" manage.py migrate --noinput
-"$PY" manage.py gateway_bootstrap_demo --mock-url "$MOCK_URL"
+"$PY" manage.py gateway_bootstrap_demo --mock-url "$MOCK_URL" --gateway-url "http://127.0.0.1:$PORT"
 
 if [[ -n ${REDIS_URL:-} ]]; then
     .venv/bin/celery -A config worker -l info &

@@ -177,25 +177,26 @@ def gateway_env(services_env: dict[str, str], **extra: str) -> dict[str, str]:
     return env
 
 
-def start_gateway(env: dict[str, str], log_path: Path, workers: int = 1) -> LiveGateway:
+def start_gateway(
+    env: dict[str, str], log_path: Path, workers: int = 1, server: str = "uvicorn"
+) -> LiveGateway:
+    """A gateway subprocess on a free port.
+
+    server="uvicorn" is one plain uvicorn process (killing its pid kills the server,
+    which the crash tests rely on); "prefork" is the production server,
+    `python -m config.serve`, whose pid is the supervisor of forked workers.
+    """
     port = free_port()
     log = log_path.open("wb")
+    argv = [sys.executable, "-m"]
+    if server == "prefork":
+        argv += ["config.serve", "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        argv += ["uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--no-access-log", "--lifespan", "off"]
+    argv += ["--workers", str(workers)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "config.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--no-access-log",
-            "--lifespan",
-            "off",
-        ],
+        argv,
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -73,10 +73,9 @@ def spawn_gateway(
     """Start extra gateway processes on the test database; all are stopped afterwards."""
     started: list[LiveGateway] = []
 
-    def spawn(workers: int = 1, **env: str) -> LiveGateway:
-        gateway = start_gateway(
-            gateway_env(services_env, **env), tmp_path / f"gateway-{len(started)}.log", workers
-        )
+    def spawn(workers: int = 1, server: str = "uvicorn", **env: str) -> LiveGateway:
+        log_path = tmp_path / f"gateway-{len(started)}.log"
+        gateway = start_gateway(gateway_env(services_env, **env), log_path, workers, server)
         started.append(gateway)
         return gateway
 

@@ -49,7 +49,7 @@ def test_it_never_admits_more_than_the_budget_under_200_concurrent_requests(
     spawn_gateway, make_model, make_key, make_team
 ):
     # Two worker processes, so atomicity cannot come from one event loop.
-    gateway = spawn_gateway(workers=2)
+    gateway = spawn_gateway(workers=2, server="prefork")
     name = f"budget-{uuid.uuid4().hex[:8]}"
     model = make_model(
         name=name,
@@ -93,7 +93,7 @@ def test_it_never_admits_more_than_the_budget_under_200_concurrent_requests(
 def test_it_gives_no_false_refusals_to_a_key_at_half_its_budget(
     spawn_gateway, make_model, make_key
 ):
-    gateway = spawn_gateway(workers=2)
+    gateway = spawn_gateway(workers=2, server="prefork")
     name = f"half-{uuid.uuid4().hex[:8]}"
     model = make_model(name=name, provider_model=f"openai/{name};output_tokens=40")
     # 100 requests reserve at most ~ (prompt + 60 * 2) micro-USD each; give twice that.
