@@ -29,6 +29,7 @@ full_site = get_asgi_application()
 
 # Imported once at start-up (litellm takes seconds to import), never per request.
 import gateway.proxy  # noqa: E402, F401
+from gateway import upstream  # noqa: E402
 from gateway.errors import body_too_large, dialect_for_path  # noqa: E402
 
 
@@ -140,12 +141,14 @@ async def _refuse_too_large(scope: dict[str, Any], send: Any) -> None:
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        # Nothing to set up or tear down beyond what import did; acknowledge politely.
+        # Import did all the setting up; at shutdown (after the server has finished the
+        # requests in flight) close the upstream connection pool.
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await upstream.close_sessions()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     path = scope.get("path", "")

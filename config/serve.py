@@ -97,7 +97,7 @@ def run_worker(application: object, sock: socket.socket, access_log: bool) -> No
         application,
         loop="uvloop",
         http="httptools",
-        lifespan="off",
+        lifespan="on",
         access_log=access_log,
         timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
     )
