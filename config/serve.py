@@ -171,7 +171,8 @@ class Supervisor:
         else:
             self.quick_deaths = 0
         time.sleep(RESPAWN_DELAY_S)
-        self.spawn()
+        if not self.stopping:  # a stop signal may have come during the pause
+            self.spawn()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
