@@ -168,7 +168,10 @@ def test_it_shares_the_gateway_environment(name: str) -> None:
 def test_it_web_serves_the_asgi_app_after_migrating() -> None:
     argvs = command_argvs(services()["web"]["command"])
     assert argvs[0][1:] == ["manage.py", "migrate", "--noinput"]
-    assert "config.asgi:application" in argvs[-1]
+    # The production server, which forks workers serving config.asgi's application.
+    assert argvs[-1][1:3] == ["-m", "config.serve"]
+    assert module_defines("config.asgi", "application")
+    assert "from config.asgi import application" in (REPO / "config/serve.py").read_text()
 
 
 def test_it_builds_the_image_from_the_hashed_lock() -> None:
