@@ -26,7 +26,7 @@ from billing.models import (
 from billing.periods import current_period
 from billing.pricing import micro_usd_to_str
 from billing.selectors import LedgerFilter, ledger_rows, spend_by_model
-from gateway.auth import AdminToken
+from gateway.auth import ADMIN_ACTOR, AdminToken
 from gateway.db import run_db
 from gateway.errors import GatewayError
 from gateway.models import Team, VirtualKey
@@ -368,7 +368,7 @@ def invoice_list(request: HttpRequest, query: Query[InvoiceQuery], page: Query[P
 def invoice_draft(request: HttpRequest, team_id: int, payload: DraftIn) -> InvoiceOut:
     _team_or_404(team_id)
     invoice = invoice_services.invoice_draft(
-        team_id=team_id, year=payload.year, month=payload.month
+        team_id=team_id, year=payload.year, month=payload.month, actor=ADMIN_ACTOR
     )
     return InvoiceOut.of(invoice_services.invoice_get(invoice_id=invoice.id), with_lines=True)
 
@@ -380,13 +380,13 @@ def invoice_get(request: HttpRequest, invoice_id: int) -> InvoiceOut:
 
 @router.post("/invoices/{invoice_id}/finalize", response={200: InvoiceOut, **ERRORS})
 def invoice_finalize(request: HttpRequest, invoice_id: int) -> InvoiceOut:
-    invoice_services.invoice_finalize(invoice_id=invoice_id)
+    invoice_services.invoice_finalize(invoice_id=invoice_id, actor=ADMIN_ACTOR)
     return InvoiceOut.of(invoice_services.invoice_get(invoice_id=invoice_id), with_lines=True)
 
 
 @router.post("/invoices/{invoice_id}/void", response={200: InvoiceOut, **ERRORS})
 def invoice_void(request: HttpRequest, invoice_id: int, payload: VoidIn) -> InvoiceOut:
-    invoice_services.invoice_void(invoice_id=invoice_id, reason=payload.reason)
+    invoice_services.invoice_void(invoice_id=invoice_id, reason=payload.reason, actor=ADMIN_ACTOR)
     return InvoiceOut.of(invoice_services.invoice_get(invoice_id=invoice_id), with_lines=True)
 
 
@@ -537,6 +537,7 @@ def webhook_create(
         url=payload.url,
         events=list(payload.events),
         description=payload.description,
+        actor=ADMIN_ACTOR,
     )
     out = WebhookOut.of(created.endpoint).model_dump()
     return 201, WebhookCreatedOut(**out, secret=created.secret)
@@ -560,12 +561,13 @@ def webhook_update(
     request: HttpRequest, team_id: int, webhook_id: str, payload: WebhookPatch
 ) -> WebhookOut:
     fields = payload.model_dump(exclude_unset=True)
-    return WebhookOut.of(webhooks.endpoint_update(endpoint=_webhook(team_id, webhook_id), **fields))
+    endpoint = _webhook(team_id, webhook_id)
+    return WebhookOut.of(webhooks.endpoint_update(endpoint=endpoint, actor=ADMIN_ACTOR, **fields))
 
 
 @router.delete("/teams/{team_id}/webhooks/{webhook_id}", response={204: None, **ERRORS})
 def webhook_delete(request: HttpRequest, team_id: int, webhook_id: str) -> tuple[int, None]:
-    webhooks.endpoint_delete(endpoint=_webhook(team_id, webhook_id))
+    webhooks.endpoint_delete(endpoint=_webhook(team_id, webhook_id), actor=ADMIN_ACTOR)
     return 204, None
 
 
@@ -608,7 +610,7 @@ def notifications_set(
 ) -> NotificationsOut:
     _team_or_404(team_id)
     row = notifications.notification_settings_set(
-        team_id=team_id, alert_emails=payload.alert_emails
+        team_id=team_id, alert_emails=payload.alert_emails, actor=ADMIN_ACTOR
     )
     return NotificationsOut(team_id=team_id, alert_emails=list(row.alert_emails))
 

@@ -52,6 +52,8 @@ from billing.periods import current_period, zone
 from billing.pricing import micro_usd_to_str
 from gateway.errors import GatewayError
 from gateway.models import Team
+from gateway.services import audit
+from gateway.services import snapshot as audit_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -276,10 +278,25 @@ def _compute(invoice: Invoice, team: Team | None, now: datetime) -> None:
 # --- services -----------------------------------------------------------------------------------
 
 
-def invoice_draft(*, team_id: int, year: int, month: int, now: datetime | None = None) -> Invoice:
+# Recomputing a draft always moves these; alone, they are not a change worth auditing
+# (the hourly drafting task would otherwise log every open draft every hour).
+_RECOMPUTE_BOOKKEEPING = ("computed_at", "ledger_cutoff")
+
+
+def _changed(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
+    def strip(data: dict[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (data or {}).items() if k not in _RECOMPUTE_BOOKKEEPING}
+
+    return strip(before) != strip(after)
+
+
+def invoice_draft(
+    *, team_id: int, year: int, month: int, now: datetime | None = None, actor: str = "system"
+) -> Invoice:
     """Draft (or refresh the draft of) a team's invoice for a closed month. Idempotent.
 
-    A finalized invoice for the month is returned unchanged.
+    A finalized invoice for the month is returned unchanged. A new draft is audited as
+    "create"; a refresh as "update", only when it changed more than the bookkeeping.
     """
     now = now or timezone.now()
     team = Team.objects.filter(id=team_id).first()
@@ -304,6 +321,7 @@ def invoice_draft(*, team_id: int, year: int, month: int, now: datetime | None =
                 )
                 if invoice is not None and invoice.status != InvoiceStatus.DRAFT:
                     return invoice
+                before = audit_snapshot(invoice)
                 if invoice is None:
                     invoice = Invoice(
                         team_id=team_id,
@@ -315,6 +333,10 @@ def invoice_draft(*, team_id: int, year: int, month: int, now: datetime | None =
                         computed_at=now,
                     )
                 _compute(invoice, team, now)
+                if before is None:
+                    audit(actor=actor, action="create", obj=invoice, before=None, team_id=team_id)
+                elif _changed(before, audit_snapshot(invoice)):
+                    audit(actor=actor, action="update", obj=invoice, before=before, team_id=team_id)
                 return invoice
         except IntegrityError:
             # Another worker drafted the same month at the same moment: use theirs.
@@ -331,8 +353,13 @@ def _next_number(year: int) -> str:
     return f"{settings.GATEWAY_INVOICE_PREFIX}-{year}-{sequence.last_number:06d}"
 
 
-def invoice_finalize(*, invoice_id: int, now: datetime | None = None) -> Invoice:
-    """Recompute a draft one last time, number it and freeze it. Idempotent."""
+def invoice_finalize(
+    *, invoice_id: int, now: datetime | None = None, actor: str = "system"
+) -> Invoice:
+    """Recompute a draft one last time, number it and freeze it. Idempotent.
+
+    Audited as "finalize", before being the draft as last computed.
+    """
     from billing import webhooks
 
     now = now or timezone.now()
@@ -373,11 +400,13 @@ def invoice_finalize(*, invoice_id: int, now: datetime | None = None) -> Invoice
                 f"before {invoice.period_label}."
             )
         team = Team.objects.filter(id=invoice.team_id).first()
+        before = audit_snapshot(invoice)
         _compute(invoice, team, now)
         invoice.number = _next_number(now.astimezone(UTC).year)
         invoice.status = InvoiceStatus.FINALIZED
         invoice.finalized_at = now
         invoice.save(update_fields=["number", "status", "finalized_at"])
+        audit(actor=actor, action="finalize", obj=invoice, before=before, team_id=invoice.team_id)
         webhooks.event_emit(
             team_id=invoice.team_id,
             event_type="invoice.finalized",
@@ -387,7 +416,10 @@ def invoice_finalize(*, invoice_id: int, now: datetime | None = None) -> Invoice
     return invoice
 
 
-def invoice_void(*, invoice_id: int, reason: str = "", now: datetime | None = None) -> Invoice:
+def invoice_void(
+    *, invoice_id: int, reason: str = "", now: datetime | None = None, actor: str = "system"
+) -> Invoice:
+    """Void the team's latest finalized invoice (audited as "void"). Idempotent."""
     now = now or timezone.now()
     with transaction.atomic():
         invoice = Invoice.objects.select_for_update().filter(id=invoice_id).first()
@@ -410,10 +442,12 @@ def invoice_void(*, invoice_id: int, reason: str = "", now: datetime | None = No
                 f"Only the team's latest finalized invoice ({latest.number}) can be voided; "
                 f"void it first. Later months' invoices build on {invoice.number}."
             )
+        before = audit_snapshot(invoice)
         invoice.status = InvoiceStatus.VOID
         invoice.voided_at = now
         invoice.void_reason = reason[:500]
         invoice.save(update_fields=["status", "voided_at", "void_reason"])
+        audit(actor=actor, action="void", obj=invoice, before=before, team_id=invoice.team_id)
     return invoice
 
 
@@ -439,7 +473,7 @@ def invoices_draft_due(*, now: datetime | None = None) -> list[int]:
         for month in reversed(months):
             if live.get(month.start) in (None, InvoiceStatus.DRAFT):
                 invoice = invoice_draft(
-                    team_id=team.id, year=month.year, month=month.month, now=now
+                    team_id=team.id, year=month.year, month=month.month, now=now, actor="system"
                 )
                 touched.append(invoice.id)
     return touched

@@ -30,6 +30,7 @@ from billing.models import (
 )
 from billing.pricing import micro_usd_to_str
 from gateway.errors import invalid_request
+from gateway.services import audit, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,13 @@ def notification_settings_get(*, team_id: int) -> TeamNotificationSettings:
     return found or TeamNotificationSettings(team_id=team_id, alert_emails=[])
 
 
-def notification_settings_set(*, team_id: int, alert_emails: list[str]) -> TeamNotificationSettings:
+def notification_settings_set(
+    *, team_id: int, alert_emails: list[str], actor: str = "system"
+) -> TeamNotificationSettings:
+    """Replace the team's alert recipients.
+
+    Audited as "create" the first time, then as "update" whenever the list changes.
+    """
     from django.core.exceptions import ValidationError
     from django.core.validators import validate_email
 
@@ -61,9 +68,20 @@ def notification_settings_set(*, team_id: int, alert_emails: list[str]) -> TeamN
             raise invalid_request(
                 f"{address!r} is not an email address.", param="alert_emails"
             ) from None
-    row, _ = TeamNotificationSettings.objects.update_or_create(
-        team_id=team_id, defaults={"alert_emails": cleaned}
-    )
+    with transaction.atomic():
+        # Locked, so two saves at once record two honest befores, not the same one twice.
+        row, created = TeamNotificationSettings.objects.select_for_update().get_or_create(
+            team_id=team_id, defaults={"alert_emails": cleaned}
+        )
+        if created:
+            audit(actor=actor, action="create", obj=row, before=None, team_id=team_id)
+            return row
+        if row.alert_emails == cleaned:
+            return row  # saved unchanged: nothing to write or to record
+        before = snapshot(row)
+        row.alert_emails = cleaned
+        row.save(update_fields=["alert_emails", "updated_at"])
+        audit(actor=actor, action="update", obj=row, before=before, team_id=team_id)
     return row
 
 

@@ -44,6 +44,7 @@ from django.utils import timezone
 from billing.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from gateway.crypto import decrypt_secret, encrypt_secret
 from gateway.errors import GatewayError, invalid_request
+from gateway.services import audit, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,18 @@ def _check_events(events: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(events))
 
 
+# Changes to endpoints are audited (gateway.services.audit) with the actor the caller
+# names: a dashboard user's name, "admin-api", or "system". The snapshot shows only
+# whether a signing secret is set and its last four characters, never the token.
+
+
 def endpoint_create(
-    *, team_id: int, url: str, events: Sequence[str] = (), description: str = ""
+    *,
+    team_id: int,
+    url: str,
+    events: Sequence[str] = (),
+    description: str = "",
+    actor: str = "system",
 ) -> CreatedEndpoint:
     validate_url(url)
     if WebhookEndpoint.objects.filter(team_id=team_id).count() >= MAX_ENDPOINTS_PER_TEAM:
@@ -181,31 +192,43 @@ def endpoint_create(
             code="conflict",
         )
     secret = "whsec_" + secrets.token_urlsafe(32)
-    endpoint = WebhookEndpoint.objects.create(
-        team_id=team_id,
-        public_id="we_" + secrets.token_hex(12),
-        url=url,
-        description=description,
-        events=_check_events(events),
-        secret_encrypted=encrypt_secret(secret),
-        secret_last4=secret[-4:],
-    )
+    checked = _check_events(events)
+    with transaction.atomic():
+        endpoint = WebhookEndpoint.objects.create(
+            team_id=team_id,
+            public_id="we_" + secrets.token_hex(12),
+            url=url,
+            description=description,
+            events=checked,
+            secret_encrypted=encrypt_secret(secret),
+            secret_last4=secret[-4:],
+        )
+        audit(actor=actor, action="create", obj=endpoint, before=None, team_id=team_id)
     return CreatedEndpoint(endpoint=endpoint, secret=secret)
 
 
-def endpoint_update(*, endpoint: WebhookEndpoint, **fields: Any) -> WebhookEndpoint:
+def endpoint_update(
+    *, endpoint: WebhookEndpoint, actor: str = "system", **fields: Any
+) -> WebhookEndpoint:
     if "url" in fields:
         validate_url(fields["url"])
     if "events" in fields:
         fields["events"] = _check_events(fields["events"] or [])
+    before = snapshot(endpoint)
     for name, value in fields.items():
         setattr(endpoint, name, value)
-    endpoint.save(update_fields=[*fields, "updated_at"])
+    with transaction.atomic():
+        endpoint.save(update_fields=[*fields, "updated_at"])
+        audit(actor=actor, action="update", obj=endpoint, before=before, team_id=endpoint.team_id)
     return endpoint
 
 
-def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
-    endpoint.delete()
+def endpoint_delete(*, endpoint: WebhookEndpoint, actor: str = "system") -> None:
+    with transaction.atomic():
+        before, endpoint_id = snapshot(endpoint), endpoint.pk
+        endpoint.delete()
+        endpoint.pk = endpoint_id  # delete() clears it; the entry names what was deleted
+        audit(actor=actor, action="delete", obj=endpoint, before=before, team_id=endpoint.team_id)
 
 
 # --- events -------------------------------------------------------------------------------------

@@ -180,7 +180,11 @@ class Viewer:
     def audit_q(self) -> Q | None:
         if self.sees_all_teams:
             return None
-        return Q(team_id__in=self.admin_team_ids)
+        # Team admins read their teams' history, except the drafting of invoices: drafts
+        # are finance's (can_view_invoice), and an invoice's create and update entries
+        # are only ever about its draft. Finalize and void are about what was issued.
+        drafts = Q(object_type="invoice", action__in=("create", "update"))
+        return Q(team_id__in=self.admin_team_ids) & ~drafts
 
 
 def load_viewer(user: AbstractBaseUser | AnonymousUser) -> Viewer:

@@ -571,6 +571,9 @@ class AuditFilterForm(forms.Form):
             ("modeldeployment", "Model deployments"),
             ("modelgroup", "Routing policies"),
             ("modelalias", "Aliases"),
+            ("invoice", "Invoices"),
+            ("webhookendpoint", "Webhook endpoints"),
+            ("teamnotificationsettings", "Alert recipients"),
         ],
     )
     team = forms.TypedChoiceField(coerce=int, required=False, empty_value=None)

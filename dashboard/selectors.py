@@ -1110,7 +1110,8 @@ def audit_entries(viewer: Viewer, filters: AuditFilter) -> QuerySet[AuditEntry]:
     return entries.order_by("-created_at", "-id")
 
 
-_NOISE = {"updated_at", "created_at"}
+# Timestamps the entry's own time already says (computed_at: an invoice's last recompute).
+_NOISE = {"updated_at", "created_at", "computed_at"}
 
 
 def audit_changes(entry: AuditEntry) -> list[Change]:

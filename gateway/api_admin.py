@@ -14,7 +14,7 @@ from django.shortcuts import get_object_or_404
 from ninja import Query, Router, Schema
 
 from gateway import services
-from gateway.auth import AdminToken
+from gateway.auth import ADMIN_ACTOR, AdminToken
 from gateway.errors import GatewayError, invalid_request
 from gateway.models import KeySecret, ModelAlias, ModelDeployment, ModelGroup, Team, VirtualKey
 from gateway.routing import split_provider
@@ -40,8 +40,6 @@ from gateway.schemas import (
 )
 
 router = Router(auth=AdminToken(), tags=["Management"])
-# Recorded in the audit log for changes made through this API.
-ADMIN_ACTOR = "admin-api"
 ERRORS: dict[int, type[Schema]] = {
     400: ErrorOut,
     401: ErrorOut,

@@ -147,6 +147,11 @@ async def authenticate(request: HttpRequest) -> KeyPrincipal:
     return principal
 
 
+# Recorded in the audit log for changes made through the management API (every router
+# guarded by AdminToken): the token names no person, so the API is the actor.
+ADMIN_ACTOR = "admin-api"
+
+
 class AdminToken(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> str | None:
         expected = settings.GATEWAY_ADMIN_TOKEN

@@ -236,12 +236,13 @@ class ModelAlias(models.Model):
 class AuditEntry(models.Model):
     """Who changed what and when, with the values before and after. Append-only.
 
-    Snapshots never hold secrets: provider credentials appear only as whether one
-    is set, and key secrets never at all.
+    Snapshots never hold secrets: provider credentials and webhook signing secrets
+    appear only as whether one is set, and key secrets never at all.
     """
 
     actor = models.CharField(max_length=200)
-    action = models.CharField(max_length=32)  # create | update | delete | revoke | rotate
+    # create | update | delete | revoke | rotate, and for invoices finalize | void
+    action = models.CharField(max_length=32)
     object_type = models.CharField(max_length=32)
     object_id = models.CharField(max_length=64)
     # The team the object belongs to, so team admins can read their own history.

@@ -31,8 +31,12 @@ from gateway.models import (
     VirtualKey,
 )
 
-# Never copied into an audit snapshot.
-_SECRET_FIELDS = {"api_key_encrypted": "has_api_key"}
+# Never copied into an audit snapshot: each becomes a flag saying whether one is set.
+# (A Fernet token is as good as the secret to anyone who can read SECRET_KEY.)
+_SECRET_FIELDS = {
+    "api_key_encrypted": "has_api_key",  # gateway.ModelDeployment
+    "secret_encrypted": "has_secret",  # billing.WebhookEndpoint
+}
 
 
 def snapshot(obj: models.Model | None) -> dict[str, Any] | None:

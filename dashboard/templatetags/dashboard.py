@@ -103,6 +103,8 @@ _OBJECT_LABELS = {
     "modelgroup": "routing policy",
     "modelalias": "alias",
     "membership": "member",
+    "webhookendpoint": "webhook endpoint",
+    "teamnotificationsettings": "alert recipients",
 }
 
 

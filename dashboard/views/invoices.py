@@ -93,7 +93,10 @@ def invoice_draft(request: DashboardRequest) -> HttpResponse:
         year, month = form.year_month()
         try:
             invoice = invoices.invoice_draft(
-                team_id=form.cleaned_data["team"], year=year, month=month
+                team_id=form.cleaned_data["team"],
+                year=year,
+                month=month,
+                actor=request.user.username,
             )
         except GatewayError as exc:
             # "month" is the form's name for what billing calls year and month.
@@ -134,7 +137,7 @@ def invoice_detail(request: DashboardRequest, invoice_id: int) -> HttpResponse:
 def invoice_finalize(request: DashboardRequest, invoice_id: int) -> HttpResponse:
     invoice = get_invoice_for_manager(request.viewer, invoice_id)
     try:
-        done = invoices.invoice_finalize(invoice_id=invoice.id)
+        done = invoices.invoice_finalize(invoice_id=invoice.id, actor=request.user.username)
     except GatewayError as exc:
         messages.error(request, exc.message)
     else:
@@ -153,7 +156,9 @@ def invoice_void(request: DashboardRequest, invoice_id: int) -> HttpResponse:
         messages.error(request, "Say why the invoice is voided; the reason is kept on it.")
         return redirect("dashboard:invoice", invoice_id=invoice.id)
     try:
-        invoices.invoice_void(invoice_id=invoice.id, reason=form.cleaned_data["reason"])
+        invoices.invoice_void(
+            invoice_id=invoice.id, reason=form.cleaned_data["reason"], actor=request.user.username
+        )
     except GatewayError as exc:
         messages.error(request, exc.message)
     else:

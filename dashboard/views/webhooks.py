@@ -55,7 +55,9 @@ def webhook_create(request: DashboardRequest, team_id: int) -> HttpResponse:
     form = WebhookForm(posted(request), creating=True)
     if request.method == "POST" and form.is_valid():
         try:
-            created = webhooks.endpoint_create(team_id=team.id, **form.to_fields())
+            created = webhooks.endpoint_create(
+                team_id=team.id, actor=request.user.username, **form.to_fields()
+            )
         except GatewayError as exc:
             form_error(form, exc)
         else:
@@ -88,7 +90,7 @@ def webhook_edit(request: DashboardRequest, team_id: int, public_id: str) -> Htt
         changed = {k: v for k, v in form.to_fields().items() if getattr(endpoint, k) != v}
         try:
             if changed:
-                webhooks.endpoint_update(endpoint=endpoint, **changed)
+                webhooks.endpoint_update(endpoint=endpoint, actor=request.user.username, **changed)
         except GatewayError as exc:
             form_error(form, exc)
         else:
@@ -108,7 +110,7 @@ def webhook_edit(request: DashboardRequest, team_id: int, public_id: str) -> Htt
 def webhook_delete(request: DashboardRequest, team_id: int, public_id: str) -> HttpResponse:
     team = get_team_for_notifications(request.viewer, team_id)
     endpoint = _endpoint(team, public_id)
-    webhooks.endpoint_delete(endpoint=endpoint)
+    webhooks.endpoint_delete(endpoint=endpoint, actor=request.user.username)
     messages.success(request, f"Webhook endpoint {endpoint.url} deleted, with its delivery log.")
     return redirect("dashboard:webhooks", team_id=team.id)
 
@@ -137,7 +139,7 @@ def alert_recipients(request: DashboardRequest, team_id: int) -> HttpResponse:
     if form.is_valid():
         try:
             saved = notifications.notification_settings_set(
-                team_id=team.id, alert_emails=form.recipients()
+                team_id=team.id, alert_emails=form.recipients(), actor=request.user.username
             )
         except GatewayError as exc:
             form_error(form, exc)

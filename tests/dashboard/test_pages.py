@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from billing import invoices, notifications, rollups, webhooks
-from billing.models import LedgerEntry, WebhookDelivery, WebhookEndpoint
+from billing.models import Invoice, LedgerEntry, WebhookDelivery, WebhookEndpoint
 from dashboard.models import Membership, TeamRole
 from gateway.crypto import decrypt_secret, hash_key_secret
 from gateway.models import AuditEntry, KeySecret, ModelDeployment, Team, VirtualKey
@@ -33,6 +34,17 @@ pytestmark = pytest.mark.django_db
 
 def text(response: Any) -> str:
     return response.content.decode()
+
+
+def audit_trail(object_type: str, object_id: int) -> list[AuditEntry]:
+    return list(
+        AuditEntry.objects.filter(object_type=object_type, object_id=str(object_id)).order_by("id")
+    )
+
+
+def audit_json() -> str:
+    """Every audit entry's values as stored, to search for what must never be there."""
+    return json.dumps(list(AuditEntry.objects.order_by("id").values()), default=str)
 
 
 # --- scope: nobody sees another team's usage ------------------------------------------------
@@ -781,6 +793,71 @@ def test_it_drafts_finalizes_and_voids_an_invoice(world: World) -> None:
     assert early.status_code == 400 and "has not ended yet" in text(early)
 
 
+def test_it_audits_drafting_finalizing_and_voiding_with_who_and_before_and_after(
+    world: World,
+) -> None:
+    client = world.client("fiona")
+    draft = world.acme_draft
+    last_month = "{:04d}-{:02d}".format(*month_ago(1))
+    # A row of last month recorded since the draft was computed: the recompute changes it.
+    ledger_row(world.alice_key, model="gpt-test", at=mid_month(1, 3), cost=500_000)
+    before_total = draft.total_micro_usd
+    response = client.post("/invoices/draft/", {"team": world.acme.id, "month": last_month})
+    assert response.status_code == 302
+    # Recomputed again with nothing new: only the bookkeeping moves, nothing is recorded.
+    client.post("/invoices/draft/", {"team": world.acme.id, "month": last_month})
+    client.post(f"/invoices/{draft.id}/finalize/")
+    client.post(f"/invoices/{draft.id}/void/", {"reason": "wrong markup"})
+    draft.refresh_from_db()
+    assert draft.status == "void" and draft.number
+
+    # The fixture drafted it (as "system"); nothing else touched it in between.
+    entries = audit_trail("invoice", draft.id)
+    assert [(e.actor, e.action, e.team_id) for e in entries] == [
+        ("system", "create", world.acme.id),
+        ("fiona", "update", world.acme.id),
+        ("fiona", "finalize", world.acme.id),
+        ("fiona", "void", world.acme.id),
+    ]
+    _, update, finalize, void = entries
+    assert update.before is not None and update.after is not None
+    assert update.before["total_micro_usd"] == before_total
+    assert update.after["total_micro_usd"] == before_total + 500_000
+    assert update.before["status"] == update.after["status"] == "draft"
+    assert finalize.before is not None and finalize.after is not None
+    assert (finalize.before["status"], finalize.before["number"]) == ("draft", None)
+    assert (finalize.after["status"], finalize.after["number"]) == ("finalized", draft.number)
+    assert finalize.after["total_micro_usd"] == draft.total_micro_usd
+    assert void.before is not None and void.after is not None
+    assert (void.before["status"], void.before["void_reason"]) == ("finalized", "")
+    assert (void.after["status"], void.after["void_reason"]) == ("void", "wrong markup")
+    # Scalars only: the lines live in their own table and are not copied.
+    assert "lines" not in finalize.after and finalize.after["period_label"] == last_month
+
+    # A month with no invoice yet: a new draft, recorded as created by whoever drafted it.
+    year, month = month_ago(3)
+    client.post("/invoices/draft/", {"team": world.acme.id, "month": f"{year:04d}-{month:02d}"})
+    new = Invoice.objects.get(team_id=world.acme.id, period_label=f"{year:04d}-{month:02d}")
+    [created] = audit_trail("invoice", new.id)
+    assert (created.actor, created.action, created.team_id) == ("fiona", "create", world.acme.id)
+    assert created.before is None and created.after is not None
+    assert created.after["status"] == "draft" and created.after["total_micro_usd"] == 0
+
+    # Finance reads it all, and can ask for invoices only.
+    shown = client.get("/audit/?object_type=invoice").context["page_obj"]
+    assert {e.object_type for e in shown} == {"invoice"}
+    assert {update.id, finalize.id, void.id, created.id} <= {e.id for e in shown}
+    assert "wrong markup" in text(client.get("/audit/?object_type=invoice"))
+    # A team admin reads what was issued to their team, not how drafts were computed.
+    alice = {
+        e.id for e in world.client("alice").get("/audit/?object_type=invoice").context["page_obj"]
+    }
+    assert {finalize.id, void.id} <= alice
+    assert not {update.id, created.id} & alice
+    charlie = world.client("charlie").get("/audit/?object_type=invoice").context["page_obj"]
+    assert {e.team_id for e in charlie} == {world.globex.id}
+
+
 def test_it_filters_and_pages_the_invoice_list(world: World) -> None:
     client = world.client("root")
     finalized = client.get("/invoices/?status=finalized").context["page_obj"]
@@ -862,6 +939,69 @@ def test_it_edits_disables_and_deletes_a_webhook(world: World) -> None:
     assert not WebhookDelivery.objects.filter(id=world.acme_delivery.id).exists()
 
 
+def test_it_audits_webhook_changes_without_the_signing_secret(world: World) -> None:
+    client = world.client("alice")
+    created = client.post(
+        f"/teams/{world.acme.id}/webhooks/new/",
+        {"url": "https://hooks.acme.example/audited", "events": ["invoice.finalized"]},
+    )
+    assert created.status_code == 201
+    secret = created.context["secret"]
+    endpoint = WebhookEndpoint.objects.get(url="https://hooks.acme.example/audited")
+    token = endpoint.secret_encrypted
+    page = f"/teams/{world.acme.id}/webhooks/{endpoint.public_id}/"
+    edited = client.post(
+        page,
+        {"url": "https://hooks.acme.example/audited-v2", "description": "pager", "enabled": "on"},
+    )
+    assert edited.status_code == 302
+    assert client.post(page + "delete/").status_code == 302
+
+    create, update, delete = audit_trail("webhookendpoint", endpoint.id)
+    assert [(e.actor, e.action, e.team_id) for e in (create, update, delete)] == [
+        ("alice", "create", world.acme.id),
+        ("alice", "update", world.acme.id),
+        ("alice", "delete", world.acme.id),
+    ]
+    assert create.before is None and create.after is not None
+    assert create.after["url"] == "https://hooks.acme.example/audited"
+    assert create.after["public_id"] == endpoint.public_id
+    assert create.after["events"] == ["invoice.finalized"]
+    # That a secret is set, and its last four characters, as the pages show it.
+    assert create.after["has_secret"] is True
+    assert create.after["secret_last4"] == secret[-4:]
+    assert "secret_encrypted" not in create.after
+    assert update.before is not None and update.after is not None
+    assert (update.before["url"], update.after["url"]) == (
+        "https://hooks.acme.example/audited",
+        "https://hooks.acme.example/audited-v2",
+    )
+    assert (update.before["events"], update.after["events"]) == (["invoice.finalized"], [])
+    assert (update.before["description"], update.after["description"]) == ("", "pager")
+    assert delete.before is not None and delete.after is None
+    assert delete.before["url"] == "https://hooks.acme.example/audited-v2"
+
+    # Neither the secret, nor a piece of it, nor its encrypted token is in any entry;
+    # nor is the token of an endpoint created outside the dashboard (the fixture's).
+    stored = audit_json()
+    assert endpoint.public_id in stored  # the search is over the entries written above
+    for needle in (secret, secret[len("whsec_") : len("whsec_") + 16], token):
+        assert needle not in stored
+    for other in WebhookEndpoint.objects.all():
+        assert other.secret_encrypted not in stored
+    assert AuditEntry.objects.filter(
+        object_type="webhookendpoint", object_id=str(world.acme_webhook.id), action="create"
+    ).exists()
+
+    # Acme's admin reads it, as a webhook endpoint; Globex's admin does not.
+    audit = client.get("/audit/?object_type=webhookendpoint")
+    assert {e.object_type for e in audit.context["page_obj"]} == {"webhookendpoint"}
+    assert "webhook endpoint" in text(audit) and "audited-v2" in text(audit)
+    assert secret not in text(audit) and token not in text(audit)
+    charlie = world.client("charlie").get("/audit/?object_type=webhookendpoint")
+    assert {e.team_id for e in charlie.context["page_obj"]} == {world.globex.id}
+
+
 def test_it_logs_every_delivery_attempt(world: World) -> None:
     page = world.client("alice").get(
         f"/teams/{world.acme.id}/webhooks/{world.acme_webhook.public_id}/deliveries/"
@@ -886,3 +1026,30 @@ def test_it_edits_the_alert_recipients_on_the_team_page(world: World) -> None:
     # Finance reads them and cannot edit them.
     finance = text(world.client("fiona").get(f"/teams/{world.acme.id}/"))
     assert "cfo@acme.example" in finance and "Save recipients" not in finance
+
+
+def test_it_audits_alert_recipient_changes(world: World) -> None:
+    client = world.client("alice")
+    url = f"/teams/{world.acme.id}/alerts/"
+    assert client.post(url, {"alert_emails": "not-an-address"}).status_code == 400
+    client.post(url, {"alert_emails": "ops@acme.example"})
+    client.post(url, {"alert_emails": "ops@acme.example"})  # unchanged: nothing to record
+    client.post(url, {"alert_emails": "ops@acme.example, cfo@acme.example"})
+    row = notifications.notification_settings_get(team_id=world.acme.id)
+    entries = audit_trail("teamnotificationsettings", row.id)
+    assert [(e.actor, e.action, e.team_id) for e in entries] == [
+        ("alice", "create", world.acme.id),
+        ("alice", "update", world.acme.id),
+    ]
+    create, update = entries
+    assert create.before is None and create.after is not None
+    assert create.after["alert_emails"] == ["ops@acme.example"]
+    assert update.before is not None and update.after is not None
+    assert update.before["alert_emails"] == ["ops@acme.example"]
+    assert update.after["alert_emails"] == ["ops@acme.example", "cfo@acme.example"]
+    # The team's admins read it, under its own filter; Globex's admin does not.
+    audit = client.get("/audit/?object_type=teamnotificationsettings")
+    assert [e.id for e in audit.context["page_obj"]] == [update.id, create.id]
+    assert "alert recipients" in text(audit) and "cfo@acme.example" in text(audit)
+    charlie = world.client("charlie").get("/audit/").context["page_obj"]
+    assert "teamnotificationsettings" not in {e.object_type for e in charlie}

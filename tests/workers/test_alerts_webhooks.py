@@ -12,6 +12,7 @@ from django.test import override_settings
 from billing import webhooks
 from billing.models import BudgetAlert, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from billing.notifications import notification_settings_set
+from gateway.models import AuditEntry
 from tests.billing import HELLO, output_priced_model, sdk
 from tests.workers.conftest import send_task, wait_for
 
@@ -181,6 +182,80 @@ def test_webhook_endpoints_are_managed_per_team_with_a_secret_shown_once(live_ga
     again = webhooks.endpoint_create(team_id=team.id, url="https://hooks.example.com/2")
     stored = WebhookEndpoint.objects.get(id=again.endpoint.id)
     assert again.secret not in stored.secret_encrypted
+
+
+def test_webhook_and_alert_recipient_changes_through_the_api_are_audited(live_gateway, make_team):
+    team = make_team()
+    with live_gateway.admin() as admin:
+        created = admin.post(
+            f"/teams/{team.id}/webhooks",
+            json={"url": "https://hooks.example.com/audit", "events": ["budget.exceeded"]},
+        )
+        assert created.status_code == 201, created.text
+        hook = created.json()
+        secret = hook["secret"]
+        token = WebhookEndpoint.objects.get(public_id=hook["id"]).secret_encrypted
+        patched = admin.patch(
+            f"/teams/{team.id}/webhooks/{hook['id']}",
+            json={"url": "https://hooks.example.com/audit-v2", "enabled": False},
+        )
+        assert patched.status_code == 200, patched.text
+        # Refused changes record nothing.
+        assert (
+            admin.patch(
+                f"/teams/{team.id}/webhooks/{hook['id']}", json={"url": "http://10.0.0.5/x"}
+            ).status_code
+            == 400
+        )
+        for emails in (["a@example.com"], ["a@example.com", "b@example.com"]):
+            saved = admin.put(f"/teams/{team.id}/notifications", json={"alert_emails": emails})
+            assert saved.status_code == 200, saved.text
+        assert (
+            admin.put(
+                f"/teams/{team.id}/notifications", json={"alert_emails": ["not-an-email"]}
+            ).status_code
+            == 400
+        )
+        assert admin.delete(f"/teams/{team.id}/webhooks/{hook['id']}").status_code == 204
+
+    entries = list(
+        AuditEntry.objects.filter(
+            team_id=team.id, object_type__in=["webhookendpoint", "teamnotificationsettings"]
+        ).order_by("id")
+    )
+    assert [(e.actor, e.object_type, e.action) for e in entries] == [
+        ("admin-api", "webhookendpoint", "create"),
+        ("admin-api", "webhookendpoint", "update"),
+        ("admin-api", "teamnotificationsettings", "create"),
+        ("admin-api", "teamnotificationsettings", "update"),
+        ("admin-api", "webhookendpoint", "delete"),
+    ]
+    hook_create, hook_update, notif_create, notif_update, hook_delete = entries
+    assert hook_create.before is None and hook_create.after is not None
+    assert notif_create.before is None and notif_create.after is not None
+    assert hook_delete.before is not None and hook_delete.after is None
+    assert hook_update.before is not None and hook_update.after is not None
+    assert notif_update.before is not None and notif_update.after is not None
+    assert hook_create.after["public_id"] == hook["id"]
+    assert hook_create.after["url"] == "https://hooks.example.com/audit"
+    assert hook_create.after["events"] == ["budget.exceeded"]
+    assert hook_create.after["has_secret"] is True
+    assert hook_create.after["secret_last4"] == hook["secret_last4"]
+    assert (hook_update.before["url"], hook_update.after["url"]) == (
+        "https://hooks.example.com/audit",
+        "https://hooks.example.com/audit-v2",
+    )
+    assert (hook_update.before["enabled"], hook_update.after["enabled"]) == (True, False)
+    assert hook_delete.object_id == hook_create.object_id == hook_update.object_id
+    assert hook_delete.before["url"] == "https://hooks.example.com/audit-v2"
+    assert notif_create.after["alert_emails"] == ["a@example.com"]
+    assert notif_update.before["alert_emails"] == ["a@example.com"]
+    assert notif_update.after["alert_emails"] == ["a@example.com", "b@example.com"]
+    # The secret shown once, a piece of it, and its encrypted token: in no entry at all.
+    stored = json.dumps(list(AuditEntry.objects.values()), default=str)
+    assert hook["id"] in stored
+    for needle in (secret, secret[len("whsec_") : len("whsec_") + 16], token):
+        assert needle not in stored
 
 
 @override_settings(GATEWAY_WEBHOOK_ALLOW_PRIVATE=False)

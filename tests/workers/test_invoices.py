@@ -12,6 +12,7 @@ from django.utils import timezone
 from billing import invoices
 from billing.models import Invoice, InvoiceImmutable, InvoiceLine, LedgerEntry, WebhookDelivery
 from billing.pricing import Usage
+from gateway.models import AuditEntry
 from tests.workers.conftest import send_task, wait_for
 from tests.workers.support import ledger_row, write
 
@@ -70,6 +71,10 @@ def test_it_drafts_closed_months_and_the_total_equals_the_ledger(worker, make_te
     )
     assert invoice.status == "draft" and invoice.number is None
     assert invoice.period_label == last.label
+    drafted = AuditEntry.objects.get(object_type="invoice", object_id=str(invoice.id))
+    assert (drafted.actor, drafted.action, drafted.team_id) == ("system", "create", team.id)
+    assert drafted.before is None and drafted.after is not None
+    assert drafted.after["total_micro_usd"] == invoice.total_micro_usd
     assert invoice.total_micro_usd == sum(r.charged_cost_micro_usd for r in rows)
     assert invoice.total_micro_usd == invoices.ledger_charged_sum(invoice)
     assert invoice.subtotal_micro_usd == sum(r.list_cost_micro_usd for r in rows)
@@ -87,6 +92,10 @@ def test_it_drafts_closed_months_and_the_total_equals_the_ledger(worker, make_te
     send_task("billing.invoices_draft_due")
     wait_for(lambda: Invoice.objects.get(id=invoice.id).computed_at > invoice.computed_at, 30)
     assert Invoice.objects.filter(team_id=team.id).count() == 1
+    # Recomputed with nothing new: no entry for the bookkeeping alone.
+    assert not AuditEntry.objects.filter(object_type="invoice", action="update").filter(
+        object_id=str(invoice.id)
+    )
 
     with live_gateway.admin() as admin:
         final = admin.post(f"/invoices/{invoice.id}/finalize")
@@ -118,6 +127,55 @@ def test_it_drafts_closed_months_and_the_total_equals_the_ledger(worker, make_te
         listed = admin.get("/invoices", params={"team_id": team.id}).json()
         assert [i["number"] for i in listed["items"]] == [body["number"]]
         assert admin.get("/invoices/999999").status_code == 404
+
+
+def test_invoice_changes_through_the_api_are_audited_with_before_and_after(make_team, live_gateway):
+    rng = random.Random(3)
+    team = make_team()
+    last = months_back(team.timezone, 1)
+    rows = usage_in(team, last, 5, rng)
+    period = {"year": last.year, "month": last.month}
+    with live_gateway.admin() as admin:
+        drafted = admin.post(f"/teams/{team.id}/invoices", json=period)
+        assert drafted.status_code == 200, drafted.text
+        invoice_id = drafted.json()["id"]
+        # A late row of that month: the next draft request recomputes a different total.
+        late = usage_in(team, last, 1, rng)
+        assert admin.post(f"/teams/{team.id}/invoices", json=period).status_code == 200
+        # Nothing new: the recompute moves only its bookkeeping, and records nothing.
+        assert admin.post(f"/teams/{team.id}/invoices", json=period).status_code == 200
+        final = admin.post(f"/invoices/{invoice_id}/finalize")
+        assert final.status_code == 200, final.text
+        assert admin.post(f"/invoices/{invoice_id}/finalize").status_code == 200  # a no-op
+        voided = admin.post(f"/invoices/{invoice_id}/void", json={"reason": "wrong team"})
+        assert voided.status_code == 200, voided.text
+
+    entries = list(
+        AuditEntry.objects.filter(object_type="invoice", object_id=str(invoice_id)).order_by("id")
+    )
+    assert [(e.actor, e.action, e.team_id) for e in entries] == [
+        ("admin-api", "create", team.id),
+        ("admin-api", "update", team.id),
+        ("admin-api", "finalize", team.id),
+        ("admin-api", "void", team.id),
+    ]
+    create, update, finalize, void = entries
+    first = sum(r.charged_cost_micro_usd for r in rows)
+    second = first + sum(r.charged_cost_micro_usd for r in late)
+    assert create.before is None and create.after is not None
+    assert update.before is not None and update.after is not None
+    assert finalize.before is not None and finalize.after is not None
+    assert void.before is not None and void.after is not None
+    assert (create.after["status"], create.after["total_micro_usd"]) == ("draft", first)
+    assert create.after["period_label"] == last.label
+    assert (update.before["total_micro_usd"], update.after["total_micro_usd"]) == (first, second)
+    assert (update.before["ledger_rows"], update.after["ledger_rows"]) == (5, 6)
+    assert (finalize.before["status"], finalize.before["number"]) == ("draft", None)
+    assert finalize.after["status"] == "finalized"
+    assert finalize.after["number"] == final.json()["number"]
+    assert (void.before["status"], void.after["status"]) == ("finalized", "void")
+    assert (void.before["void_reason"], void.after["void_reason"]) == ("", "wrong team")
+    assert void.after["voided_at"] is not None
 
 
 def test_it_numbers_invoices_without_gaps(worker, make_team):
