@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.contrib.auth.password_validation import validate_password
 from django.db import IntegrityError, transaction
@@ -173,7 +172,9 @@ def deployment_test(*, deployment: ModelDeployment, timeout_seconds: float = 30.
     embedding = target.mode == "embedding"
     started = time.monotonic()
     try:
-        data = async_to_sync(_call_provider)(target, embedding, limit_seconds=timeout_seconds)
+        # A loop of its own (this runs in a view's worker thread): its connection pool is
+        # closed when the call ends, not left for the garbage collector to warn about.
+        data = asyncio.run(_call_provider(target, embedding, limit_seconds=timeout_seconds))
     except upstream.UpstreamError as exc:
         return TestResult(False, _ms(started), "", f"{exc.status}: {exc.message}")
     except (TimeoutError, GatewayError) as exc:
@@ -203,13 +204,16 @@ async def _call_provider(
     else:
         body = {"messages": [{"role": "user", "content": TEST_PROMPT}], "max_tokens": 64}
         path, call = "chat/completions", litellm.acompletion
-    async with asyncio.timeout(limit_seconds):
-        if upstream.is_passthrough(target):
-            payload = upstream.passthrough_payload(target, body)
-            target_url = upstream.openai_target(target, path)
-            answer = await upstream.passthrough_json(target_url, target, payload)
-        else:
-            answer = await upstream.litellm_json(call, target, body)
+    try:
+        async with asyncio.timeout(limit_seconds):
+            if upstream.is_passthrough(target):
+                payload = upstream.passthrough_payload(target, body)
+                target_url = upstream.openai_target(target, path)
+                answer = await upstream.passthrough_json(target_url, target, payload)
+            else:
+                answer = await upstream.litellm_json(call, target, body)
+    finally:
+        await upstream.close_sessions()
     return answer.data
 
 
