@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django import forms
+from django.contrib import messages
 from django.core.exceptions import ValidationError
+from django.db import models
 from django.http import HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
@@ -80,6 +83,34 @@ def form_error(form: forms.Form, exc: Exception) -> None:
         form.add_error(None, exc.messages)
         return
     raise exc
+
+
+def save_changes(
+    request: DashboardRequest,
+    form: forms.Form,
+    obj: models.Model,
+    fields: dict[str, Any],
+    update: Callable[..., object],
+    *,
+    saved: str,
+    always: Iterable[str] = (),
+) -> bool:
+    """Pass `update` only the fields that differ from `obj` (so the audit log records
+    real changes), plus those in `always` (write-only values such as a credential).
+
+    True when saved (or nothing changed), with a message for the next page; False when
+    the service refused, with its error on the form and `obj` reloaded from the database.
+    """
+    changed = {k: v for k, v in fields.items() if k in always or getattr(obj, k) != v}
+    try:
+        if changed:
+            update(**changed)
+    except (GatewayError, ValidationError) as exc:
+        obj.refresh_from_db()
+        form_error(form, exc)
+        return False
+    messages.success(request, saved if changed else "Nothing changed.")
+    return True
 
 
 def posted(request: DashboardRequest) -> Any:

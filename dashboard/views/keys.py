@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.http import HttpResponse
@@ -20,7 +22,7 @@ from dashboard.access import (
 )
 from dashboard.forms import KeyEditForm, KeyIssueForm, RotateForm
 from dashboard.selectors import KeyFilter
-from dashboard.views.common import form_error, page, posted
+from dashboard.views.common import form_error, page, posted, save_changes
 from gateway import services as gateway_services
 from gateway.errors import GatewayError
 from gateway.models import Team, VirtualKey
@@ -164,15 +166,8 @@ def key_edit(request: DashboardRequest, key_id: int) -> HttpResponse:
     form.setup(models=selectors.model_names(), can_set_limits=True)
     if request.method == "POST" and form.is_valid():
         fields = {"name": form.cleaned_data["name"], **form.limit_fields()}
-        changed = {k: v for k, v in fields.items() if getattr(key, k) != v}
-        try:
-            if changed:
-                gateway_services.key_update(key=key, actor=request.user.username, **changed)
-        except (GatewayError, ValidationError) as exc:
-            key.refresh_from_db()
-            form_error(form, exc)
-        else:
-            messages.success(request, "Key settings saved." if changed else "Nothing changed.")
+        update = partial(gateway_services.key_update, key=key, actor=request.user.username)
+        if save_changes(request, form, key, fields, update, saved="Key settings saved."):
             return redirect("dashboard:key", key_id=key.id)
     return page(
         request,

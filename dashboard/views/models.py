@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpResponse
@@ -11,7 +13,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from dashboard import selectors, services
 from dashboard.access import DashboardRequest, dashboard_view, require
 from dashboard.forms import AliasForm, DeploymentForm, GroupForm
-from dashboard.views.common import form_error, page, posted
+from dashboard.views.common import form_error, page, posted, save_changes
 from gateway import services as gateway_services
 from gateway.errors import GatewayError
 from gateway.models import ModelAlias, ModelDeployment, ModelGroup
@@ -81,17 +83,13 @@ def deployment_edit(request: DashboardRequest, public_id: str) -> HttpResponse:
     )
     if request.method == "POST" and form.is_valid():
         fields = form.to_fields(creating=False)
-        changed = {k: v for k, v in fields.items() if k == "api_key" or getattr(deployment, k) != v}
-        try:
-            if changed:
-                gateway_services.deployment_update(
-                    deployment=deployment, actor=request.user.username, **changed
-                )
-        except (GatewayError, ValidationError) as exc:
-            deployment.refresh_from_db()
-            form_error(form, exc)
-        else:
-            messages.success(request, "Deployment saved." if changed else "Nothing changed.")
+        update = partial(
+            gateway_services.deployment_update, deployment=deployment, actor=request.user.username
+        )
+        # The API key is write-only (stored encrypted): a given one is always applied.
+        if save_changes(
+            request, form, deployment, fields, update, saved="Deployment saved.", always={"api_key"}
+        ):
             return redirect("dashboard:deployment", public_id=deployment.public_id)
     return page(
         request,

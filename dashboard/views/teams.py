@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.contrib import messages
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
@@ -20,7 +22,7 @@ from dashboard.access import (
 )
 from dashboard.forms import AlertRecipientsForm, MemberAddForm, MemberRoleForm, TeamForm
 from dashboard.models import Membership
-from dashboard.views.common import form_error, page, posted
+from dashboard.views.common import form_error, page, posted, save_changes
 from gateway import services as gateway_services
 from gateway.errors import GatewayError
 from gateway.models import Team
@@ -112,15 +114,10 @@ def team_edit(request: DashboardRequest, team_id: int) -> HttpResponse:
     team = get_team_for_config(request.viewer, team_id)
     form = TeamForm(posted(request), initial=TeamForm.initial_for(team))
     if request.method == "POST" and form.is_valid():
-        changed = {k: v for k, v in form.to_fields().items() if getattr(team, k) != v}
-        try:
-            if changed:
-                gateway_services.team_update(team=team, actor=request.user.username, **changed)
-        except (GatewayError, ValidationError) as exc:
-            team.refresh_from_db()
-            form_error(form, exc)
-        else:
-            messages.success(request, "Team settings saved." if changed else "Nothing changed.")
+        update = partial(gateway_services.team_update, team=team, actor=request.user.username)
+        if save_changes(
+            request, form, team, form.to_fields(), update, saved="Team settings saved."
+        ):
             return redirect("dashboard:team", team_id=team.id)
     return page(
         request,

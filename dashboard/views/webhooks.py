@@ -4,6 +4,8 @@ its alert email recipients. Team admins for their team; platform admins for any.
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.contrib import messages
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
@@ -15,7 +17,7 @@ from billing.models import WebhookEndpoint
 from dashboard import selectors
 from dashboard.access import DashboardRequest, dashboard_view, get_team_for_notifications
 from dashboard.forms import AlertRecipientsForm, WebhookForm
-from dashboard.views.common import form_error, page, posted
+from dashboard.views.common import form_error, page, posted, save_changes
 from dashboard.views.teams import team_page
 from gateway.errors import GatewayError
 from gateway.models import Team
@@ -87,14 +89,10 @@ def webhook_edit(request: DashboardRequest, team_id: int, public_id: str) -> Htt
     endpoint = _endpoint(team, public_id)
     form = WebhookForm(posted(request), initial=WebhookForm.initial_for(endpoint))
     if request.method == "POST" and form.is_valid():
-        changed = {k: v for k, v in form.to_fields().items() if getattr(endpoint, k) != v}
-        try:
-            if changed:
-                webhooks.endpoint_update(endpoint=endpoint, actor=request.user.username, **changed)
-        except GatewayError as exc:
-            form_error(form, exc)
-        else:
-            messages.success(request, "Webhook endpoint saved." if changed else "Nothing changed.")
+        update = partial(webhooks.endpoint_update, endpoint=endpoint, actor=request.user.username)
+        if save_changes(
+            request, form, endpoint, form.to_fields(), update, saved="Webhook endpoint saved."
+        ):
             return redirect("dashboard:webhooks", team_id=team.id)
     return page(
         request,
