@@ -42,11 +42,13 @@ def log(message: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m config.serve", description=__doc__)
     parser.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    # String defaults go through `type` too: a bad PORT or GATEWAY_WORKERS gets
+    # argparse's "invalid int value" instead of a traceback.
+    parser.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
     parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("GATEWAY_WORKERS", "0")) or os.cpu_count() or 1,
+        default=os.environ.get("GATEWAY_WORKERS") or str(os.cpu_count() or 1),
         help="worker processes (default: GATEWAY_WORKERS, else one per core)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")

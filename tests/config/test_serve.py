@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import sys
 from tests.conftest import ROOT
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
+def serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "config.serve", *args],
         cwd=ROOT,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -24,6 +26,12 @@ def test_it_refuses_a_worker_count_below_one() -> None:
     done = serve("--workers", "0")
     assert done.returncode == 2
     assert "--workers must be at least 1" in done.stderr
+
+
+def test_it_names_a_bad_worker_count_from_the_environment() -> None:
+    done = serve(GATEWAY_WORKERS="two")
+    assert done.returncode == 2
+    assert "argument --workers: invalid int value: 'two'" in done.stderr
 
 
 def test_it_refuses_a_port_out_of_range() -> None:
