@@ -35,6 +35,7 @@ def _flush_retrying_deadlocks() -> None:
     may still be finishing a write (a stream's billing, an alert, a redelivered task);
     Postgres then aborts one side. Retrying the flush is safe: it only empties tables.
     """
+    from django.core.management.base import CommandError
     from django.db.utils import OperationalError
     from django.test.testcases import TransactionTestCase
 
@@ -46,8 +47,9 @@ def _flush_retrying_deadlocks() -> None:
             try:
                 original(self)
                 return
-            except OperationalError as exc:
-                if "deadlock" not in str(exc) or attempt == 4:
+            # The flush command wraps the database's error in a CommandError.
+            except (OperationalError, CommandError) as exc:
+                if "deadlock" not in f"{exc} {exc.__cause__}" or attempt == 4:
                     raise
                 time.sleep(0.5)
 

@@ -8,6 +8,7 @@ name through the broker: nothing here runs eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -82,6 +83,36 @@ class Workers:
         self.current = worker
         return worker
 
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until the broker queue is empty and the worker runs nothing.
+
+        Called after each test, before pytest-django empties the tables: a task a test
+        set off (an alert, a retry, a redelivery) must not still be writing when the
+        flush takes its locks, or Postgres aborts one of the two with a deadlock.
+        """
+        import redis
+
+        from config.celery import app
+
+        if self.current is None or self.current.process.poll() is not None:
+            return
+        broker = redis.Redis.from_url(self.env["REDIS_URL"])
+        destination = [f"{self.current.name}@{socket.gethostname()}"]
+
+        def idle() -> bool:
+            if broker.llen("celery"):
+                return False
+            inspect = app.control.inspect(destination=destination, timeout=1.0, limit=1)
+            for busy in (inspect.active(), inspect.reserved(), inspect.scheduled()):
+                if busy is None:  # no answer (killed or busy): treat as idle, never hang
+                    continue
+                if any(busy.values()):
+                    return False
+            return True
+
+        with contextlib.suppress(AssertionError):  # still busy: the flush retries
+            wait_for(idle, timeout, 0.1, "the Celery worker to go idle")
+
     def ensure(self) -> CeleryWorker:
         if self.current is None or self.current.process.poll() is not None:
             return self.start()
@@ -114,9 +145,10 @@ def celery_workers(
 
 
 @pytest.fixture
-def worker(celery_workers: Workers) -> CeleryWorker:
-    """A running worker (the one a previous test killed is replaced)."""
-    return celery_workers.ensure()
+def worker(celery_workers: Workers) -> Iterator[CeleryWorker]:
+    """A running worker (the one a previous test killed is replaced), idle again after."""
+    yield celery_workers.ensure()
+    celery_workers.wait_idle()
 
 
 @pytest.fixture
