@@ -116,8 +116,8 @@ lock: $(VENV)/bin/pip-compile ## Regenerate requirements{,-dev}.lock from pyproj
 	if [ -n "$$diff_pins" ]; then \
 		echo "requirements.lock pins differ from requirements-dev.lock: $$diff_pins" >&2; exit 1; \
 	fi
-	@if grep -qE '^litellm==1\.82\.[78] ' requirements*.lock; then \
-		echo "refusing compromised litellm 1.82.7/1.82.8" >&2; exit 1; \
+	@if grep -qE '^litellm==(1\.82\.[78]|1\.107\.0) ' requirements*.lock; then \
+		echo "refusing compromised litellm 1.82.7/1.82.8/1.107.0" >&2; exit 1; \
 	fi
 
 # --- housekeeping --------------------------------------------------------------

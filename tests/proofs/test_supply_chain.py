@@ -2,7 +2,7 @@
 
 - No unexpected `.pth` file in the interpreter's site-packages: a `.pth` line that
   starts with `import` runs on every Python start (how the compromised litellm 1.82.7
-  and 1.82.8 releases ran their payload).
+  and 1.82.8 releases ran their payload; 1.107.0 was compromised too).
 - litellm is not one of those releases, and neither lock file pins them.
 - Both lock files pin every package to one version with sha256 hashes, and the
   Makefile and Dockerfile install only with `--require-hashes`.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-COMPROMISED_LITELLM = {"1.82.7", "1.82.8"}
+COMPROMISED_LITELLM = {"1.82.7", "1.82.8", "1.107.0"}
 # .pth files that setuptools, virtualenv and editable installs legitimately add.
 ALLOWED_PTH = {"distutils-precedence.pth", "_virtualenv.pth"}
 ALLOWED_PTH_PATTERNS = (
