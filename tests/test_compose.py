@@ -179,3 +179,34 @@ def test_it_builds_the_image_from_the_hashed_lock() -> None:
     assert "--require-hashes -r requirements.lock" in dockerfile
     for name in PROJECT_SERVICES:
         assert services()[name].get("build") == "."
+
+
+# Mount points of the volumes web and worker must share, by the setting that names them.
+SHARED_DIRS = {
+    "GATEWAY_LEDGER_SPOOL_DIR": "ledger-spool",  # billing/spool.py
+    "GATEWAY_FILES_DIR": "gateway-files",  # gateway/files.py (batch input and output)
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SHARED_DIRS))
+def test_it_shares_the_spool_and_batch_files_between_web_and_worker(setting: str) -> None:
+    compose = load_compose()
+    path = compose["x-gateway-env"][setting]
+    volume = SHARED_DIRS[setting]
+    assert volume in compose["volumes"], f"{volume} is not a named volume"
+    # Every Celery worker (beat only sends tasks) runs code that writes the ledger or files.
+    workers = [
+        name
+        for name, service in services().items()
+        if name in PROJECT_SERVICES
+        and any(
+            argv[:1] == ["celery"] and "worker" in argv
+            for argv in command_argvs(service["command"])
+        )
+    ]
+    assert workers
+    for name in ["web", *workers]:
+        mounts = services()[name].get("volumes") or []
+        assert f"{volume}:{path}" in mounts, f"{name} does not mount {volume} at {path}"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert path in dockerfile, f"the image does not create {path} for the app user"
