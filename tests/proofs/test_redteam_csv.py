@@ -169,3 +169,18 @@ def test_every_invoice_csv_prefixes_formulas_in_model_names(
         # The discount is a negative amount of our own: a number, not a quoted string.
         [discount] = [r for r in rows if r["kind"] == "discount"]
         assert Decimal(discount["amount_usd"]) < 0 and discount["amount_usd"].startswith("-")
+
+
+def test_no_export_writes_csv_around_the_safe_writer() -> None:
+    """One place for the rule: product code writes CSV only through billing.csv_export."""
+    from tests.conftest import ROOT
+
+    offenders = [
+        str(path.relative_to(ROOT))
+        for app in ("accounts", "billing", "config", "dashboard", "gateway")
+        if (ROOT / app).is_dir()
+        for path in (ROOT / app).rglob("*.py")
+        if path.name != "csv_export.py"
+        and any(call in path.read_text() for call in ("csv.writer(", "csv.DictWriter("))
+    ]
+    assert not offenders, f"CSV written without billing.csv_export.safe_writer: {offenders}"
