@@ -14,9 +14,11 @@ COPY requirements.lock ./
 RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
 COPY . .
+# The spool and files directories exist (owned by gateway) before compose mounts
+# named volumes on them, so a fresh volume is created writable by the app user.
 RUN useradd --system --uid 10001 --home-dir /app gateway \
-    && mkdir -p /app/var \
-    && chown gateway /app/var
+    && mkdir -p /app/var/ledger-spool /app/var/files \
+    && chown -R gateway /app/var
 USER gateway
 
 EXPOSE 8000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from ninja import Field, Query, Router, Schema
 from billing import admission, notifications, rollups, usage, webhooks
 from billing import invoices as invoice_services
 from billing.admission import Budget
+from billing.csv_export import csv_amount, safe_writer
 from billing.models import (
     Invoice,
     InvoiceLine,
@@ -187,10 +187,13 @@ CSV_COLUMNS = [*LEDGER_FIELDS, "list_cost_usd", "charged_cost_usd"]
 
 def _csv(rows: Any) -> Iterator[str]:
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = safe_writer(buffer)
     writer.writerow(CSV_COLUMNS)
     for row in rows.iterator(chunk_size=2000):
         out = LedgerOut.of(row).model_dump()
+        # Money as numbers; every text cell (end user, tags, names) is formula-proofed.
+        out["list_cost_usd"] = csv_amount(row.list_cost_micro_usd)
+        out["charged_cost_usd"] = csv_amount(row.charged_cost_micro_usd)
         writer.writerow(
             [
                 "|".join(out[c]) if c == "tags" else ("" if out[c] is None else out[c])

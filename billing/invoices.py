@@ -24,7 +24,6 @@ States
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from collections import defaultdict
@@ -40,6 +39,7 @@ from django.db.models.functions import TruncMonth
 from django.template.loader import render_to_string
 from django.utils import timezone
 
+from billing.csv_export import csv_amount, safe_writer
 from billing.models import (
     Invoice,
     InvoiceLine,
@@ -545,7 +545,7 @@ CSV_COLUMNS = [
 
 def invoice_csv(invoice: Invoice) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = safe_writer(buffer)  # model names and descriptions are formula-proofed
     writer.writerow(CSV_COLUMNS)
     number = invoice.number or f"DRAFT-{invoice.id}"
     for line in invoice.lines.all():
@@ -568,8 +568,8 @@ def invoice_csv(invoice: Invoice) -> str:
                 line.reasoning_tokens,
                 line.unit_prices.get("input", ""),
                 line.unit_prices.get("output", ""),
-                micro_usd_to_str(line.list_amount_micro_usd),
-                micro_usd_to_str(line.amount_micro_usd),
+                csv_amount(line.list_amount_micro_usd),
+                csv_amount(line.amount_micro_usd),
             ]
         )
     # Totals as rows of their own: the `kind` names them, `amount_usd` holds them.
@@ -578,12 +578,12 @@ def invoice_csv(invoice: Invoice) -> str:
         ("markup" if invoice.markup_micro_usd >= 0 else "discount", invoice.markup_micro_usd),
         ("total", invoice.total_micro_usd),
     ):
-        row = dict.fromkeys(CSV_COLUMNS, "")
+        row: dict[str, object] = dict.fromkeys(CSV_COLUMNS, "")
         row.update(
             invoice_number=number,
             period=invoice.period_label,
             kind=kind,
-            amount_usd=micro_usd_to_str(value),
+            amount_usd=csv_amount(value),
         )
         writer.writerow([row[c] for c in CSV_COLUMNS])
     return buffer.getvalue()

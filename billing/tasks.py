@@ -11,19 +11,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 
 from billing import invoices, notifications, rollups, webhooks
-from config.celery import app, durable
+from config.celery import app, durable, time_limits
 
 
-@app.task(name="billing.rollups_update", **durable())
+@app.task(name="billing.rollups_update", **durable(**time_limits(900)))
 def rollups_update() -> dict[str, Any]:
     run = rollups.rollups_update()
     return {"cutoff": run.cutoff.isoformat(), "hours": run.hours}
 
 
-@app.task(name="billing.rollups_rebuild", **durable())
+@app.task(name="billing.rollups_rebuild", **durable(**time_limits(3600)))
 def rollups_rebuild(since: str, until: str) -> dict[str, Any]:
     run = rollups.rollups_rebuild(
         since=datetime.fromisoformat(since), until=datetime.fromisoformat(until)
@@ -31,7 +32,7 @@ def rollups_rebuild(since: str, until: str) -> dict[str, Any]:
     return {"cutoff": run.cutoff.isoformat(), "hours": run.hours}
 
 
-@app.task(name="billing.rollups_reconcile", **durable())
+@app.task(name="billing.rollups_reconcile", **durable(**time_limits(1800)))
 def rollups_reconcile(hours: int = 48, repair: bool = False) -> dict[str, Any]:
     until = rollups.floor_hour(timezone.now())
     run = rollups.rollups_reconcile(
@@ -40,7 +41,7 @@ def rollups_reconcile(hours: int = 48, repair: bool = False) -> dict[str, Any]:
     return {"id": run.id, "ok": run.ok, "differences": len(run.differences)}
 
 
-@app.task(name="billing.invoices_draft_due", **durable())
+@app.task(name="billing.invoices_draft_due", **durable(**time_limits(1800)))
 def invoices_draft_due() -> list[int]:
     return invoices.invoices_draft_due()
 
@@ -58,7 +59,11 @@ def alert_deliver(alert_id: int) -> bool:
     return notifications.alert_deliver(alert_id=alert_id).delivered
 
 
-@app.task(name="billing.webhook_deliver", **durable())
+# The delivery's own deadline ends it first; the limits catch DNS and the database.
+@app.task(
+    name="billing.webhook_deliver",
+    **durable(**time_limits(settings.GATEWAY_WEBHOOK_TIMEOUT_SECONDS + 30)),
+)
 def webhook_deliver(delivery_id: int) -> str:
     result = webhooks.delivery_attempt(delivery_id=delivery_id)
     if result.retry_in is not None and result.retry_in <= webhooks.SHORT_RETRY_SECONDS:
@@ -68,7 +73,8 @@ def webhook_deliver(delivery_id: int) -> str:
     return result.status
 
 
-@app.task(name="billing.email_send", **durable())
+# SMTP's timeout is per operation (EMAIL_TIMEOUT_SECONDS); a dripping server is cut here.
+@app.task(name="billing.email_send", **durable(**time_limits(settings.EMAIL_TIMEOUT * 3 + 30)))
 def email_send(email_id: int) -> str:
     return notifications.email_send(email_id=email_id)
 

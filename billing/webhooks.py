@@ -5,8 +5,12 @@ transaction as whatever caused it (an outbox), with an event id derived from wha
 it is about, so emitting the same event twice (a redelivered task) adds nothing.
 Workers deliver each row: claimed by compare-and-set, every attempt logged with its
 status code, duration and error, retried with exponential backoff until
-GATEWAY_WEBHOOK_MAX_ATTEMPTS. Delivery is at least once: receivers dedupe on the
-event id (`x-gateway-event-id`, and `id` in the body).
+GATEWAY_WEBHOOK_MAX_ATTEMPTS. Each attempt has one total deadline
+(GATEWAY_WEBHOOK_TIMEOUT_SECONDS: connect, headers and body) and reads at most
+GATEWAY_WEBHOOK_MAX_RESPONSE_BYTES, and deliveries run on their own Celery queue
+(config/celery.py), so a tarpit endpoint holds one delivery slot for the deadline at
+most and never delays rollups, invoices or batches. Delivery is at least once:
+receivers dedupe on the event id (`x-gateway-event-id`, and `id` in the body).
 
 Signature (Stripe's scheme): `x-gateway-signature: t=<unix seconds>,v1=<hex>` where
 hex = HMAC-SHA256(secret, f"{t}.{raw body}"). The timestamp is the attempt's, so a
@@ -21,6 +25,7 @@ redirects are never followed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -29,7 +34,7 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -315,6 +320,48 @@ def _pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]
     return pinned, {"host": host_header}, extensions
 
 
+@dataclass
+class _Exchange:
+    status_code: int | None = None
+    body: bytearray = field(default_factory=bytearray)
+
+
+async def _post(
+    exchange: _Exchange,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    extensions: dict[str, Any],
+) -> None:
+    """POST the event; the endpoint's answer is recorded into `exchange` as it arrives.
+
+    The endpoint is chosen by a customer, so it may be a tarpit: httpx's timeouts are
+    per read, and a byte every few seconds never trips them. The whole exchange
+    (connect, headers, body) therefore runs under one deadline, and at most
+    GATEWAY_WEBHOOK_MAX_RESPONSE_BYTES of the body are read (raw: no decompression
+    bomb) before the connection is dropped. A worker slot is held for the deadline at
+    most. Raises TimeoutError at the deadline.
+    """
+    deadline = settings.GATEWAY_WEBHOOK_TIMEOUT_SECONDS
+    cap = settings.GATEWAY_WEBHOOK_MAX_RESPONSE_BYTES
+    async with (
+        asyncio.timeout(deadline),
+        httpx.AsyncClient(timeout=deadline, follow_redirects=False, trust_env=False) as client,
+        client.stream(
+            "POST",
+            url,
+            content=body,
+            headers={**headers, "accept-encoding": "identity"},
+            extensions=extensions,
+        ) as response,
+    ):
+        exchange.status_code = response.status_code
+        async for chunk in response.aiter_raw():
+            exchange.body += chunk[: cap - len(exchange.body)]
+            if len(exchange.body) >= cap:
+                break  # leaving the block closes the connection: the rest is never read
+
+
 @dataclass(frozen=True)
 class AttemptResult:
     status: str
@@ -363,15 +410,20 @@ def delivery_attempt(*, delivery_id: int) -> AttemptResult:
                     "x-gateway-delivery-attempt": str(number),
                 }
             )
-            with httpx.Client(
-                timeout=settings.GATEWAY_WEBHOOK_TIMEOUT_SECONDS,
-                follow_redirects=False,
-                trust_env=False,
-            ) as client:
-                response = client.post(url, content=body, headers=headers, extensions=extensions)
-            status_code = response.status_code
-            excerpt = response.text[:500]
-            if not 200 <= status_code < 300:
+            exchange = _Exchange()
+            try:
+                asyncio.run(_post(exchange, url, body, headers, extensions))
+            except TimeoutError:
+                if exchange.status_code is None:
+                    error = (
+                        f"timed out after {settings.GATEWAY_WEBHOOK_TIMEOUT_SECONDS:g}s "
+                        "(connect, headers and body must all arrive within "
+                        "GATEWAY_WEBHOOK_TIMEOUT_SECONDS)"
+                    )
+                # else: the endpoint answered; only its body was slow, and it is not needed
+            status_code = exchange.status_code
+            excerpt = bytes(exchange.body).decode(errors="replace")[:500]
+            if status_code is not None and not 200 <= status_code < 300:
                 error = f"HTTP {status_code}"
         except UnsafeTarget as exc:
             error = f"refused: {exc}"

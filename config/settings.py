@@ -185,6 +185,11 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TIMEZONE = "UTC"
+# Every task is interrupted (SoftTimeLimitExceeded) after the soft limit and its
+# process killed a minute later; tasks that legitimately run longer (rollups,
+# invoices, batches) and deliveries set their own (config/celery.py time_limits).
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("GATEWAY_TASK_SOFT_TIME_LIMIT_SECONDS", 300, minimum=1)
+CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 60
 
 # --- Auth, sessions, security ------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -264,6 +269,10 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "LLM Gateway <gateway@localho
 GATEWAY_WEBHOOK_ALLOW_PRIVATE = env_bool("GATEWAY_WEBHOOK_ALLOW_PRIVATE", False)
 GATEWAY_WEBHOOK_TIMEOUT_SECONDS = env_float("GATEWAY_WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.1)
 GATEWAY_WEBHOOK_MAX_ATTEMPTS = env_int("GATEWAY_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1)
+# How much of an endpoint's answer is read (an excerpt is kept); the rest is dropped.
+GATEWAY_WEBHOOK_MAX_RESPONSE_BYTES = env_int(
+    "GATEWAY_WEBHOOK_MAX_RESPONSE_BYTES", 64 * 1024, minimum=1024
+)
 # First retry delay; doubles per attempt (30 s, 1 min, 2 min, … ~1 h for the 8th).
 GATEWAY_WEBHOOK_RETRY_BASE_SECONDS = env_float(
     "GATEWAY_WEBHOOK_RETRY_BASE_SECONDS", 30.0, minimum=0.01

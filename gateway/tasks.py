@@ -6,11 +6,14 @@ claimed by compare-and-set and billed under request ids derived from the batch.
 
 from __future__ import annotations
 
-from config.celery import app, durable
+from config.celery import app, durable, time_limits
 from gateway import batches
 
 
-@app.task(name="gateway.batch_run", **durable())
+# A batch can outlast any limit: when this one interrupts a run, its line claims lapse
+# and gateway.batches_resume (beat, every minute) queues the rest; lines are claimed
+# by compare-and-set, so nothing runs twice.
+@app.task(name="gateway.batch_run", **durable(**time_limits(3600)))
 def batch_run(batch_id: int) -> str:
     return batches.batch_process(batch_id=batch_id)
 

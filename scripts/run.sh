@@ -97,7 +97,11 @@ EOF
 "$PY" manage.py gateway_bootstrap_demo --mock-url "$MOCK_URL" --gateway-url "http://127.0.0.1:$PORT"
 
 if [[ -n ${REDIS_URL:-} ]]; then
-    .venv/bin/celery -A config worker -l info &
+    # Two workers, as in docker-compose.yml: webhook and e-mail deliveries (queue
+    # "webhooks", config/celery.py) never hold up rollups, invoices and batches.
+    .venv/bin/celery -A config worker -l info -Q celery -n default@%h &
+    PIDS+=($!)
+    .venv/bin/celery -A config worker -l info -Q webhooks -n webhooks@%h --concurrency 4 &
     PIDS+=($!)
     .venv/bin/celery -A config beat -l info --schedule var/celerybeat-schedule &
     PIDS+=($!)

@@ -22,8 +22,8 @@ pytestmark: list[pytest.MarkDecorator] = []
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
-SERVICES = {"postgres", "redis", "mock", "web", "worker", "beat"}
-PROJECT_SERVICES = {"mock", "web", "worker", "beat"}
+SERVICES = {"postgres", "redis", "mock", "web", "worker", "webhooks", "beat"}
+PROJECT_SERVICES = {"mock", "web", "worker", "webhooks", "beat"}
 SHARED_ENV = {
     "DATABASE_URL",
     "REDIS_URL",
@@ -128,7 +128,7 @@ def check_argv(argv: list[str]) -> None:
         pytest.fail(f"don't know how to check command {argv}")
 
 
-def test_it_has_the_six_services() -> None:
+def test_it_has_the_seven_services() -> None:
     assert set(services()) >= SERVICES
 
 
@@ -158,7 +158,7 @@ def test_it_waits_for_healthy_dependencies() -> None:
             assert all_services[dependency].get("healthcheck"), f"{dependency} has no healthcheck"
 
 
-@pytest.mark.parametrize("name", ["web", "worker", "beat"])
+@pytest.mark.parametrize("name", ["web", "worker", "webhooks", "beat"])
 def test_it_shares_the_gateway_environment(name: str) -> None:
     compose = load_compose()
     assert set(compose["x-gateway-env"]) >= SHARED_ENV
@@ -179,3 +179,57 @@ def test_it_builds_the_image_from_the_hashed_lock() -> None:
     assert "--require-hashes -r requirements.lock" in dockerfile
     for name in PROJECT_SERVICES:
         assert services()[name].get("build") == "."
+
+
+# Mount points of the volumes web and worker must share, by the setting that names them.
+SHARED_DIRS = {
+    "GATEWAY_LEDGER_SPOOL_DIR": "ledger-spool",  # billing/spool.py
+    "GATEWAY_FILES_DIR": "gateway-files",  # gateway/files.py (batch input and output)
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SHARED_DIRS))
+def test_it_shares_the_spool_and_batch_files_between_web_and_worker(setting: str) -> None:
+    compose = load_compose()
+    path = compose["x-gateway-env"][setting]
+    volume = SHARED_DIRS[setting]
+    assert volume in compose["volumes"], f"{volume} is not a named volume"
+    # Every Celery worker (beat only sends tasks) runs code that writes the ledger or files.
+    workers = [
+        name
+        for name, service in services().items()
+        if name in PROJECT_SERVICES
+        and any(
+            argv[:1] == ["celery"] and "worker" in argv
+            for argv in command_argvs(service["command"])
+        )
+    ]
+    assert workers
+    for name in ["web", *workers]:
+        mounts = services()[name].get("volumes") or []
+        assert f"{volume}:{path}" in mounts, f"{name} does not mount {volume} at {path}"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert path in dockerfile, f"the image does not create {path} for the app user"
+
+
+def _queues(argv: list[str]) -> set[str]:
+    """The queues a `celery worker` command consumes (Celery's default: "celery")."""
+    if "-Q" not in argv:
+        return {"celery"}
+    return set(argv[argv.index("-Q") + 1].split(","))
+
+
+def test_it_runs_webhook_deliveries_on_workers_of_their_own() -> None:
+    """A tarpit endpoint must never hold up rollups, invoices or batches (config/celery.py)."""
+    consumed: dict[str, set[str]] = {}
+    for name, service in services().items():
+        for argv in command_argvs(service.get("command") or []):
+            if argv[:1] == ["celery"] and "worker" in argv:
+                consumed[name] = _queues(argv)
+    celery_py = (REPO / "config" / "celery.py").read_text()
+    assert 'NOTIFICATIONS_QUEUE = "webhooks"' in celery_py
+    assert '"billing.webhook_deliver": {"queue": NOTIFICATIONS_QUEUE}' in celery_py
+    assert {n for n, q in consumed.items() if "webhooks" in q} == {"webhooks"}, consumed
+    assert {n for n, q in consumed.items() if "celery" in q} == {"worker"}, consumed
+    run_sh = (REPO / "scripts" / "run.sh").read_text()
+    assert "-Q celery " in run_sh and "-Q webhooks " in run_sh

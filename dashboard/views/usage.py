@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, timedelta
@@ -10,6 +9,7 @@ from datetime import UTC, timedelta
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_GET
 
+from billing.csv_export import csv_amount, safe_writer
 from dashboard import charts, selectors
 from dashboard.access import DashboardRequest, dashboard_view, get_key_for_viewer
 from dashboard.formatting import compact, duration_ms, usd_axis
@@ -180,7 +180,7 @@ def usage_csv(request: DashboardRequest) -> HttpResponse:
     explorer = _explore(request)
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="usage.csv"'
-    writer = csv.writer(response)
+    writer = safe_writer(response)  # group labels (tags, names) are formula-proofed
     writer.writerow(CSV_COLUMNS)
     for row in explorer.rows:
         writer.writerow(
@@ -191,7 +191,7 @@ def usage_csv(request: DashboardRequest) -> HttpResponse:
                 row.errors,
                 row.prompt_tokens,
                 row.completion_tokens,
-                f"{row.spend_micro_usd // 1_000_000}.{row.spend_micro_usd % 1_000_000:06d}",
+                csv_amount(row.spend_micro_usd),
             ]
         )
     return response

@@ -48,9 +48,9 @@ CLAUDE = "claude-3-5-haiku-20241022"
 def worker(
     live_gateway: LiveGateway, services_env: dict[str, str], tmp_path: Path
 ) -> Iterator[CeleryWorker]:
-    """A worker on the default queue (batches, webhooks), stopped when the test ends."""
+    """A worker on the default queue (batches) and webhooks', stopped when the test ends."""
     env = gateway_env(services_env, **WORKER_ENV)
-    found = start_worker(env, tmp_path, "celery")
+    found = start_worker(env, tmp_path, "celery,webhooks")
     try:
         yield found
     finally:

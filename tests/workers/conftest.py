@@ -1,6 +1,7 @@
 """Real Celery workers for the worker tests: separate processes on the test database.
 
-Workers are started as `celery -A config worker --pool=prefork --concurrency=2` with
+Workers are started as `celery -A config worker --pool=prefork --concurrency=2 -Q
+celery,webhooks` (both queues config/celery.py routes to) with
 the live gateway's environment (the test database, the test Redis as broker), each in
 its own process group so a test can `kill -9` a whole worker tree. Tasks are sent by
 name through the broker: nothing here runs eagerly.
@@ -57,6 +58,9 @@ class Workers:
                 "worker",
                 "--pool=prefork",
                 "--concurrency=2",
+                # Every queue the app routes to (config/celery.py): one worker does all here.
+                "-Q",
+                "celery,webhooks",
                 "-l",
                 "warning",
                 "-n",
@@ -100,7 +104,7 @@ class Workers:
         destination = [f"{self.current.name}@{socket.gethostname()}"]
 
         def idle() -> bool:
-            if broker.llen("celery"):
+            if broker.llen("celery") or broker.llen("webhooks"):
                 return False
             inspect = app.control.inspect(destination=destination, timeout=1.0, limit=1)
             for busy in (inspect.active(), inspect.reserved(), inspect.scheduled()):
