@@ -455,8 +455,9 @@ COMPLETIONS = Endpoint(
     validate=validation.validate_completions,
     count_prompt=_count_fields("prompt", "suffix"),
     prompt_fields=("prompt", "suffix"),
-    # Legacy completions default to 16 tokens when max_tokens is absent.
-    requested_output=lambda body: int(body.get("max_tokens") or 16),
+    # OpenAI defaults max_tokens to 16 here, but a provider behind litellm (or an
+    # OpenAI-compatible server) need not: uncapped reserves the model's maximum.
+    requested_output=lambda body: body.get("max_tokens"),
     answers=_completion_answers,
     usage_from_json=lambda data: openai_usage(data.get("usage")),
     tracker=OpenAIChunks,
