@@ -217,6 +217,51 @@ def test_it_prices_a_context_window_fallback_to_a_pricier_model(
     assert _wait_settled(services_env, roomy.key.id) == (_spent(roomy.key.id), 0)
 
 
+def test_it_prices_a_content_policy_fallback_the_provider_forces(
+    live_gateway: Any, services_env: dict[str, str], make_model: Any, make_key: Any
+) -> None:
+    """The cheap model's provider refuses on content policy (OpenAI's 400) at run time;
+    the request moves to a 100x pricier model that was never in the priced chain."""
+    from gateway import services
+
+    big_name = _name("strict-big")
+    big = make_model(
+        name=big_name,
+        provider_model=f"openai/{big_name};output_tokens=1000",
+        input_cost_per_million=Decimal("100"),
+        output_cost_per_million=Decimal("100"),
+        max_output_tokens=1000,
+    )
+    small_name = _name("prudish")
+    small = make_model(
+        name=small_name,
+        provider_model=f"openai/{small_name};status=400;error_code=content_policy_violation",
+        input_cost_per_million=Decimal("1"),
+        output_cost_per_million=Decimal("1"),
+        max_output_tokens=1000,
+    )
+    services.group_save(name=small.name, content_policy_fallbacks=[big.name])
+    budget = 50_000  # the small model's 1,000 tokens fit; the big one's 100,000 do not
+    key = make_key(max_budget_micro_usd=budget)
+    client = openai.OpenAI(base_url=live_gateway.v1, api_key=key.secret, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(
+            model=small.name, messages=[{"role": "user", "content": "something edgy"}]
+        )
+    assert refused.value.body["type"] == "insufficient_quota"  # type: ignore[index]
+    assert _spent(key.key.id) == 0
+
+    roomy = make_key(max_budget_micro_usd=1_000_000)
+    roomy_client = openai.OpenAI(base_url=live_gateway.v1, api_key=roomy.secret, max_retries=0)
+    served = roomy_client.chat.completions.with_raw_response.create(
+        model=small.name, messages=[{"role": "user", "content": "something edgy"}]
+    )
+    assert served.headers["x-gateway-model"].startswith(f"openai/{big_name}")
+    assert served.headers["x-gateway-attempts"] == "2"
+    assert 100_000 <= _spent(roomy.key.id) <= 1_000_000
+    assert _wait_settled(services_env, roomy.key.id) == (_spent(roomy.key.id), 0)
+
+
 def test_it_refuses_a_background_response(
     live_gateway: Any, make_model: Any, make_key: Any
 ) -> None:
