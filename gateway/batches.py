@@ -725,14 +725,7 @@ async def run_line(
                 reservation_id=admission.NO_TICKET_NEEDED, amount=0, budgets=[], settled=True
             )
         else:
-            ticket = await admission.admit(
-                principal=principal,
-                request_id=request_id,
-                prompt_tokens=call.prompt_tokens,
-                prompt_tokens_bound=proxy._reserved_prompt(call),
-                max_output_tokens=proxy._max_output(call, table, chain),
-                prices=table.max_prices(*chain),
-            )
+            ticket = await proxy.admit_call(call, table, chain)
         try:
             response = await proxy._attempts(call, table, chain, ticket)
         except BaseException:

@@ -191,6 +191,8 @@ class Tracker:
     ended: bool = False
     provider_error: str | None = None
     held: list[bytes] = field(default_factory=list)
+    # The final answer object, where a later request may refer to it by id (Responses).
+    answer: dict[str, Any] | None = None
 
     def feed(self, event: bytes) -> bytes | None:
         raise NotImplementedError
@@ -246,7 +248,9 @@ class ResponsesEvents(Tracker):
 
     def feed(self, event: bytes) -> bytes | None:
         if event.startswith(_RESPONSES_END):
-            self.usage = openai_usage((_data(event).get("response") or {}).get("usage"))
+            answer = _data(event).get("response") or {}
+            self.usage = openai_usage(answer.get("usage"))
+            self.answer = answer
             self.ended = True
             self.held.append(event)
             return None
@@ -325,8 +329,12 @@ class Endpoint:
     count_prompt: Callable[[str, dict[str, Any]], int]
     # The body fields that make up the prompt (for the reservation's upper bound).
     prompt_fields: tuple[str, ...]
-    # Tokens to reserve for the answer; None: the model's maximum output.
+    # Output tokens the client capped each generated answer at; None: uncapped (the
+    # model's maximum output applies).
     requested_output: Callable[[dict[str, Any]], int | None]
+    # How many answers one request generates (and the provider bills): `n`, `best_of`,
+    # a list of prompts. proxy.max_output multiplies the cap by it, capped or not.
+    answers: Callable[[dict[str, Any]], int]
     usage_from_json: Callable[[dict[str, Any]], Usage | None]
     tracker: type[Tracker]
     error_event: Callable[[GatewayError], bytes]
@@ -337,13 +345,31 @@ class Endpoint:
     asks_for_usage: bool = False
 
 
-def _n(body: dict[str, Any]) -> int:
-    return int(body.get("n") or 1) * int(body.get("best_of") or 1)
+def _one(body: dict[str, Any]) -> int:
+    return 1
+
+
+def _chat_answers(body: dict[str, Any]) -> int:
+    return int(body.get("n") or 1)
+
+
+def _prompt_count(prompt: Any) -> int:
+    """Legacy completions answer each prompt of a list: strings or token arrays."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def _completion_answers(body: dict[str, Any]) -> int:
+    # `best_of` candidates are generated (and billed) server-side and `n` of them
+    # returned; OpenAI requires best_of >= n, but the larger is the bound either way.
+    per_prompt = max(int(body.get("n") or 1), int(body.get("best_of") or 1))
+    return per_prompt * _prompt_count(body.get("prompt"))
 
 
 def _chat_output(body: dict[str, Any]) -> int | None:
     requested = body.get("max_completion_tokens") or body.get("max_tokens")
-    return int(requested) * _n(body) if requested else None
+    return int(requested) if requested else None
 
 
 def _openai_caller(
@@ -413,6 +439,7 @@ CHAT = Endpoint(
     count_prompt=count_chat,
     prompt_fields=("messages", "tools"),
     requested_output=_chat_output,
+    answers=_chat_answers,
     usage_from_json=lambda data: openai_usage(data.get("usage")),
     tracker=OpenAIChunks,
     error_event=openai_error_event,
@@ -428,8 +455,10 @@ COMPLETIONS = Endpoint(
     validate=validation.validate_completions,
     count_prompt=_count_fields("prompt", "suffix"),
     prompt_fields=("prompt", "suffix"),
-    # Legacy completions default to 16 tokens when max_tokens is absent.
-    requested_output=lambda body: int(body.get("max_tokens") or 16) * _n(body),
+    # OpenAI defaults max_tokens to 16 here, but a provider behind litellm (or an
+    # OpenAI-compatible server) need not: uncapped reserves the model's maximum.
+    requested_output=lambda body: body.get("max_tokens"),
+    answers=_completion_answers,
     usage_from_json=lambda data: openai_usage(data.get("usage")),
     tracker=OpenAIChunks,
     error_event=openai_error_event,
@@ -446,6 +475,7 @@ EMBEDDINGS = Endpoint(
     count_prompt=count_embedding_input,
     prompt_fields=("input",),
     requested_output=lambda body: 0,
+    answers=_one,
     usage_from_json=lambda data: openai_usage(data.get("usage")),
     tracker=OpenAIChunks,
     error_event=openai_error_event,
@@ -461,6 +491,7 @@ RESPONSES = Endpoint(
     count_prompt=_count_fields("instructions", "input", "tools"),
     prompt_fields=("instructions", "input", "tools"),
     requested_output=lambda body: body.get("max_output_tokens"),
+    answers=_one,
     usage_from_json=lambda data: openai_usage(data.get("usage")),
     tracker=ResponsesEvents,
     error_event=responses_error_event,
@@ -476,6 +507,7 @@ MESSAGES = Endpoint(
     count_prompt=_count_fields("system", "messages", "tools"),
     prompt_fields=("system", "messages", "tools"),
     requested_output=lambda body: int(body["max_tokens"]),
+    answers=_one,
     usage_from_json=lambda data: anthropic_usage(data.get("usage")),
     tracker=AnthropicEvents,
     error_event=anthropic_error_event,

@@ -33,9 +33,23 @@ from django.utils import timezone
 from billing import admission, spool
 from billing.ledger import AttemptRecord
 from billing.models import LedgerStatus
-from billing.pricing import Usage, charged_cost_micro_usd, list_cost_micro_usd, micro_usd_to_str
+from billing.pricing import (
+    FREE,
+    Usage,
+    charged_cost_micro_usd,
+    list_cost_micro_usd,
+    micro_usd_to_str,
+)
 from billing.writer import ledger_writer
-from gateway import breaker, errors, idempotency, response_cache, upstream, validation
+from gateway import (
+    breaker,
+    errors,
+    idempotency,
+    response_cache,
+    response_ids,
+    upstream,
+    validation,
+)
 from gateway.auth import KeyPrincipal, authenticate
 from gateway.db import run_db
 from gateway.dialects import Endpoint, Tracker, count_text, stream_text, text_bytes
@@ -69,6 +83,8 @@ class Call:
     end_user: str = ""
     tags: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
+    # Of prompt_tokens: the context a `previous_response_id` carries in.
+    carried_tokens: int = 0
     attempts: int = 0
     charged_micro_usd: int = 0
     claim: idempotency.Claim | None = None
@@ -145,21 +161,67 @@ def plan(
     return list(dict.fromkeys([model, *fallbacks]))
 
 
+def reachable(principal: KeyPrincipal, table: RoutingTable, chain: list[str]) -> list[str]:
+    """Every model the attempts loop may call for this chain, in order.
+
+    `_attempts` leaves the chain on a context-window or content-policy failure for
+    that model's configured fallbacks, whose own such fallbacks may follow: the
+    transitive closure is what a reservation must price, or a budget sized for the
+    cheap model pays for the expensive one.
+    """
+    seen = list(chain)
+    for name in seen:  # grows while iterating: a breadth-first walk
+        policy = table.policy(name)
+        for fallback in (*policy.context_window_fallbacks, *policy.content_policy_fallbacks):
+            if (
+                fallback not in seen
+                and table.group(fallback)
+                and table.may_use(principal, fallback)
+            ):
+                seen.append(fallback)
+    return seen
+
+
 def _max_output(call: Call, table: RoutingTable, chain: list[str]) -> int:
-    requested = call.endpoint.requested_output(call.body)
-    if requested is not None:
-        return int(requested)
-    return table.max_output_tokens(*chain) or settings.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS
+    """Output tokens the request may make on any model of `chain`: the one rule for the
+    budget reservation, the key's tokens-per-minute and a deployment's tpm.
+
+    Every generated answer counts (`n`, `best_of`, each prompt of a list), whether the
+    client capped them with max_tokens or the model's maximum output applies.
+    """
+    per_answer = call.endpoint.requested_output(call.body)
+    if per_answer is None:
+        per_answer = table.max_output_tokens(*chain) or settings.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS
+    return int(per_answer) * call.endpoint.answers(call.body)
 
 
 def _reserved_prompt(call: Call) -> int:
     """Prompt tokens to reserve: an upper bound whatever tokenizer the provider uses.
 
     Our count (litellm's tokenizer) can be well below a provider's; no tokenizer
-    makes more tokens than the text has bytes, so the bytes bound the count.
+    makes more tokens than the text has bytes, so the bytes bound the count. A
+    previous response's context is the provider's own count: exact already.
     """
     counted = call.prompt_tokens * 5 // 4
-    return max(counted, text_bytes(call.body, call.endpoint.prompt_fields)) + 32
+    text = text_bytes(call.body, call.endpoint.prompt_fields) + call.carried_tokens
+    return max(counted, text) + 32
+
+
+async def admit_call(call: Call, table: RoutingTable, chain: list[str]) -> admission.Ticket:
+    """Reserve the most the request may cost on any model it may reach, and count it
+    against the key's and team's rate limits (429 when it does not fit)."""
+    carried = await response_ids.context_tokens(call.endpoint.name, call.principal, call.body)
+    call.carried_tokens = carried
+    call.prompt_tokens += carried
+    priced = reachable(call.principal, table, chain)
+    return await admission.admit(
+        principal=call.principal,
+        request_id=call.request_id,
+        prompt_tokens=call.prompt_tokens,
+        prompt_tokens_bound=_reserved_prompt(call),
+        max_output_tokens=_max_output(call, table, priced),
+        prices=table.max_prices(*priced),
+    )
 
 
 # --- ledger rows -----------------------------------------------------------------------------
@@ -417,14 +479,7 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
             if hit is not None:
                 return await _serve_hit(call, table, hit)
         call.prompt_tokens = endpoint.count_prompt(table.group(call.model)[0].provider_model, body)
-        ticket = await admission.admit(
-            principal=principal,
-            request_id=call.request_id,
-            prompt_tokens=call.prompt_tokens,
-            prompt_tokens_bound=_reserved_prompt(call),
-            max_output_tokens=_max_output(call, table, chain),
-            prices=table.max_prices(*chain),
-        )
+        ticket = await admit_call(call, table, chain)
     except BaseException:
         if call.claim is not None:
             await idempotency.release(call.claim)
@@ -619,6 +674,7 @@ async def _json(
     )
     await _write(call, record)
     await admission.settle(ticket, call.charged_micro_usd)
+    await response_ids.remember(call.endpoint.name, call.principal, call.body, answer.data, usage)
     await breaker.succeeded(table, group, deployment, stream=False, began=began, first_byte=None)
     response = HttpResponse(answer.body, content_type="application/json")
     _gateway_headers(response, call, deployment)
@@ -642,18 +698,37 @@ async def _json(
 async def _serve_hit(
     call: Call, table: RoutingTable, hit: response_cache.Entry
 ) -> HttpResponseBase:
-    """A cached answer: no provider call, one ledger row marked as a cache hit."""
+    """A cached answer: no provider call, one ledger row marked as a cache hit.
+
+    It is admitted like any request: it counts against the rate limits with its exact
+    usage, and when hits are billed (GATEWAY_CACHE_BILL_HITS) it reserves its cost
+    first and settles what its ledger row charged, so the budget counters stay equal
+    to the ledger. An unbilled hit reserves nothing.
+    """
     deployment = table.deployments.get(hit.deployment_id)
-    call.attempts = 1
-    record = _record(
-        call,
-        deployment,
-        status=LedgerStatus.SUCCESS,
-        usage=hit.usage,
-        http_status=200,
-        cache_hit=True,
+    billed = settings.GATEWAY_CACHE_BILL_HITS and deployment is not None
+    ticket = await admission.admit(
+        principal=call.principal,
+        request_id=call.request_id,
+        prompt_tokens=hit.usage.prompt_tokens,
+        # The usage is known exactly: it is the bound.
+        prompt_tokens_bound=hit.usage.prompt_tokens,
+        max_output_tokens=hit.usage.completion_tokens,
+        prices=deployment.prices if billed and deployment is not None else FREE,
     )
-    await _write(call, record)
+    call.attempts = 1
+    try:
+        record = _record(
+            call,
+            deployment,
+            status=LedgerStatus.SUCCESS,
+            usage=hit.usage,
+            http_status=200,
+            cache_hit=True,
+        )
+        await _write(call, record)
+    finally:
+        await admission.settle(ticket, call.charged_micro_usd)
     response: HttpResponseBase
     if hit.events:
         events = list(hit.events)
@@ -668,6 +743,7 @@ async def _serve_hit(
     _gateway_headers(response, call, deployment)
     response["x-gateway-cost-usd"] = micro_usd_to_str(call.charged_micro_usd)
     response["x-gateway-cache"] = "hit"
+    admission.apply_headers(response, ticket)
     if call.claim is not None:
         await idempotency.complete(
             call.claim,
@@ -915,6 +991,10 @@ class StreamRelay:
 
     async def _remember(self, usage: Usage | None) -> None:
         call = self.call
+        if self.tracker.answer is not None and usage is not None:
+            await response_ids.remember(
+                call.endpoint.name, call.principal, call.body, self.tracker.answer, usage
+            )
         if call.claim is not None:
             await idempotency.complete(
                 call.claim, idempotency.Stored(200, self.headers, events=self.sent, stream=True)

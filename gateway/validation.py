@@ -340,6 +340,115 @@ def _stream_options(body: dict[str, Any], stream: bool) -> None:
             )
 
 
+# --- what the ledger cannot price ---------------------------------------------------------------
+#
+# The ledger records tokens at each model's token prices. Features a provider bills
+# on top (per search, per session, per container-hour, audio tokens, premium service
+# tiers) would be served and never charged, and a reservation could not bound them:
+# they are refused with a 400 naming the parameter until they are priced.
+
+# The OpenAI service tiers billed at the model's list price; the others ("priority",
+# "flex", "scale", and any tier added later) change the per-token price.
+_LIST_PRICE_TIERS = frozenset({"auto", "default"})
+# Responses tools the client runs itself and pays for in tokens only.
+_RESPONSES_CLIENT_TOOLS = frozenset({"function", "custom"})
+# Anthropic server tools: web search and code execution have per-use fees, and web
+# fetch pulls in content of unbounded size the reservation cannot cover. (Client
+# tools carry no type or "custom"; bash/text_editor/computer run on the client.)
+_ANTHROPIC_SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_")
+
+
+def unpriced(message: str, param: str) -> GatewayError:
+    return invalid_request(
+        f"{message} The gateway cannot bill it yet, so it refuses the request instead of "
+        "serving it unbilled.",
+        param=param,
+        code="unpriced_feature",
+    )
+
+
+def _priced_tier(body: dict[str, Any]) -> None:
+    tier = body.get("service_tier")
+    if tier is not None and tier not in _LIST_PRICE_TIERS:
+        raise unpriced(
+            f"'service_tier': '{tier}' is billed at a different price; use 'auto' or "
+            "'default', or leave it out.",
+            "service_tier",
+        )
+
+
+def _refuse_unpriced_chat(body: dict[str, Any]) -> None:
+    if body.get("web_search_options") is not None:
+        raise unpriced(
+            "'web_search_options' adds a per-search fee; remove it.", "web_search_options"
+        )
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        raise unpriced(
+            "Audio output ('modalities' with \"audio\") is billed per audio token; ask for "
+            '["text"] only.',
+            "modalities",
+        )
+    if body.get("audio") is not None:
+        raise unpriced("'audio' output is billed per audio token; remove it.", "audio")
+    _priced_tier(body)
+
+
+def _refuse_unpriced_responses(body: dict[str, Any]) -> None:
+    if body.get("background"):
+        raise invalid_request(
+            "'background': true is not supported: the gateway bills a response when it "
+            "finishes and would never see a background one finish. Send the request "
+            "without 'background' (stream it if it is long).",
+            param="background",
+            code="unsupported_parameter",
+        )
+    if body.get("conversation") is not None:
+        raise invalid_request(
+            "'conversation' is not supported: this gateway has no Conversations API, so no "
+            "conversation id can be yours. Send the context in 'input', or continue from "
+            "a response with 'previous_response_id'.",
+            param="conversation",
+            code="unsupported_parameter",
+        )
+    response_id = body.get("previous_response_id")
+    if response_id is not None and not isinstance(response_id, str):
+        raise invalid_request(
+            "'previous_response_id' must be a response id string.", param="previous_response_id"
+        )
+    tools = body.get("tools")
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in _RESPONSES_CLIENT_TOOLS:
+            raise unpriced(
+                f"The hosted tool {kind!r} in 'tools[{index}]' is billed per call or per "
+                "session; use 'function' tools and run the tool yourself.",
+                f"tools[{index}].type",
+            )
+    _priced_tier(body)
+
+
+def _refuse_unpriced_messages(body: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith(_ANTHROPIC_SERVER_TOOLS):
+            raise unpriced(
+                f"tools.{index}.type: the server tool '{kind}' is billed per use; define a "
+                "client tool and run it yourself.",
+                f"tools.{index}.type",
+            )
+    if body.get("mcp_servers"):
+        raise unpriced(
+            "mcp_servers: remote MCP tool calls run on Anthropic's side; remove them.",
+            "mcp_servers",
+        )
+    if body.get("container") is not None:
+        raise unpriced(
+            "container: code-execution containers are billed per hour; remove it.", "container"
+        )
+
+
 def validate_chat(body: dict[str, Any]) -> Parsed:
     refuse_overrides(body)
     _unknown(body, CHAT_PARAMS | ROUTING_PARAMS)
@@ -362,6 +471,7 @@ def validate_chat(body: dict[str, Any]) -> Parsed:
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
     _tools(body)
+    _refuse_unpriced_chat(body)
     return Parsed(model, stream, _user(body), _fallbacks(body))
 
 
@@ -407,6 +517,7 @@ def validate_responses(body: dict[str, Any]) -> Parsed:
     _number(body, "top_p", 0, 1)
     _positive_int(body, "max_output_tokens")
     _tools(body)
+    _refuse_unpriced_responses(body)
     return Parsed(model, stream, _user(body), _fallbacks(body))
 
 
@@ -443,6 +554,7 @@ def validate_messages(body: dict[str, Any]) -> Parsed:
     ):
         raise invalid_request("stop_sequences: must be an array of strings", param="stop_sequences")
     _tools(body)
+    _refuse_unpriced_messages(body)
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise invalid_request("metadata: must be an object", param="metadata")

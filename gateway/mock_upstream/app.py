@@ -77,6 +77,10 @@ Controls (fault and shape injection)
         cached_tokens=N     override cached prompt tokens (Anthropic: cache_read_input_tokens)
         reasoning_tokens=N  override reasoning tokens
         no_usage=1          never send the stream usage chunk, even with include_usage
+        error_code=CODE     with status=400: OpenAI's error for that code, message included,
+                            so gateways can tell them apart: content_policy_violation
+                            ("...rejected as a result of our safety system") or
+                            context_length_exceeded ("...maximum context length is...")
     Request counts (for fail_rate / fail_first and /_mock/stats) are per full model string and
     are cleared by POST /_mock/reset.
 
@@ -212,6 +216,7 @@ class Controls:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     no_usage: bool = False
+    error_code: str | None = None
 
 
 NO_CONTROLS: Final = Controls()
@@ -251,6 +256,7 @@ _CONTROL_PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "cached_tokens": _parse_count,
     "reasoning_tokens": _parse_count,
     "no_usage": _parse_flag,
+    "error_code": lambda v: v.strip() or None,
 }
 
 
@@ -589,6 +595,20 @@ class Stream:
 Reply = bytes | Stream
 
 
+# OpenAI's wording for the 400s a gateway routes on (context-window and content-policy
+# fallbacks), for the `error_code` control.
+_CODED_ERRORS: Final[dict[str, str]] = {
+    "content_policy_violation": (
+        "Your request was rejected as a result of our safety system. Your prompt may "
+        "contain text that is not allowed by our safety system."
+    ),
+    "context_length_exceeded": (
+        "This model's maximum context length is 8192 tokens. However, your messages "
+        "resulted in 9000 tokens. Please reduce the length of the messages."
+    ),
+}
+
+
 def openai_error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> bytes:
@@ -821,9 +841,12 @@ class MockUpstream:
             message = f"Rate limit reached for {model} (mock upstream status control)."
         elif status == 529:
             message = "Overloaded (mock upstream status control)."
+        elif controls.error_code in _CODED_ERRORS:
+            message = _CODED_ERRORS[controls.error_code]
         else:
             message = f"Mock upstream injected HTTP {status} for {model}."
-        await send_json(send, status, error_body(dialect, status, message), headers)
+        body = error_body(dialect, status, message, code=controls.error_code)
+        await send_json(send, status, body, headers)
 
     # ---- Anthropic cache memory -------------------------------------------------------------
 
