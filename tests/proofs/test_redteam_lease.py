@@ -13,12 +13,14 @@ insufficient_quota, and once the first settles a new one must be admitted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -296,3 +298,38 @@ def test_it_keeps_renewing_through_a_redis_stall(
         what="a request to be admitted after the stream settled",
     )
     assert after.json()["choices"]
+
+
+# --- the embedded backend, unit level ------------------------------------------------------
+
+
+def test_it_never_sweeps_a_held_reservation_on_the_embedded_backend_but_frees_a_dropped_one() -> (
+    None
+):
+    import gc
+
+    from billing import admission
+    from billing.periods import current_period
+
+    async def scenario() -> None:
+        local = admission.LocalBackend()
+        now = time.time()
+        budget = admission.Budget(
+            "key", 1, BUDGET, "total", current_period("total", "UTC", datetime.now(UTC))
+        )
+        local.budgets[budget.redis_key] = {"spent": 0, "reserved": 0}
+        cost = 1_000_000
+        assert (await local.admit("first:1", cost, [budget], [], now))[0] == "ok"
+        ticket = admission.Ticket(reservation_id="first:1", amount=cost, budgets=[budget])
+        admission._hold(ticket)
+        # A day later (far past the old fixed expiry and any lease) it is still held.
+        later = now + 86_400
+        assert (await local.admit("second:1", cost, [budget], [], later))[0] == "budget"
+        # A ticket dropped without settling (a bug) can never be settled: one lease
+        # later its money comes back rather than when the process exits.
+        del ticket
+        gc.collect()
+        assert (await local.admit("third:1", cost, [budget], [], later))[0] == "ok"
+        assert local.budgets[budget.redis_key]["reserved"] == cost
+
+    asyncio.run(scenario())
