@@ -11,8 +11,15 @@ spent + reserved never passes a limit.
 Counters live per budget period (`gw:bud:t:<team>:<period>`), so a new period
 starts from zero by itself. A counter that does not exist yet (a new period, or a
 Redis that lost its data) is first filled from the ledger, which stays the source
-of truth. Reservations of requests that crashed expire and are swept by the next
-admission, so they never turn into false refusals.
+of truth.
+
+A reservation lives as long as its request: it is leased for
+GATEWAY_RESERVATION_LEASE_SECONDS, and one renewer task per process extends the
+lease of every reservation the process still holds (one Redis call for all of
+them), whatever the request is doing: streaming for minutes, retrying, waiting
+out a Retry-After. Only when the holding process is gone do the renewals stop;
+the next admission after the lease sweeps the reservation, so a crash never turns
+into a permanent false refusal.
 
 Fail policy: when Redis cannot be reached within GATEWAY_REDIS_TIMEOUT_SECONDS, a
 key that has a budget or a rate limit (its own or its team's) is refused with 503
@@ -27,6 +34,7 @@ import logging
 import math
 import secrets
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -50,9 +58,6 @@ logger = logging.getLogger(__name__)
 
 RESERVATIONS_ZSET = "gw:res:exp"
 RESERVATIONS_HASH = "gw:res:val"
-# A reservation outlives the longest a request can take (upstream timeout plus the
-# stream drain) before the sweep may release it.
-RESERVATION_GRACE_SECONDS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,10 +410,7 @@ class RedisBackend:
             int(now_s * 1000),
             rid,
             amount,
-            int(
-                (now_s + settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS + RESERVATION_GRACE_SECONDS)
-                * 1000
-            ),
+            int((now_s + settings.GATEWAY_RESERVATION_LEASE_SECONDS) * 1000),
             len(budgets),
             *[b.limit_micro_usd for b in budgets],
             len(limits),
@@ -448,6 +450,19 @@ class RedisBackend:
         client = redis_client.client()
         return int(await self._guard(client.hlen(RESERVATIONS_HASH)))
 
+    async def renew(self, rids: list[str], now_s: float) -> None:
+        """Extend the lease of every reservation in `rids` that still exists, in one call.
+
+        XX updates members already present and never adds one: a reservation that
+        was settled (or swept) meanwhile stays gone, so a renewal racing a settle
+        cannot resurrect it.
+        """
+        expires = int((now_s + settings.GATEWAY_RESERVATION_LEASE_SECONDS) * 1000)
+        client = redis_client.client()
+        await redis_client.guarded(
+            client.zadd(RESERVATIONS_ZSET, dict.fromkeys(rids, expires), xx=True)
+        )
+
 
 class LocalBackend:
     """The same semantics in one process, for the embedded default without Redis.
@@ -463,8 +478,11 @@ class LocalBackend:
         self.settled: set[str] = set()
 
     def _sweep(self, now_s: float) -> None:
+        # A reservation dies with this process, so while its request holds it, it
+        # never expires (the Redis lease's renewals, without the round trips); one
+        # whose ticket is gone unsettled (a bug) is released after the lease.
         for rid, (expires, amount, keys) in list(self.reservations.items()):
-            if expires <= now_s:
+            if expires <= now_s and not _is_held(rid):
                 for key in keys:
                     if key in self.budgets:
                         self.budgets[key]["reserved"] -= amount
@@ -491,7 +509,7 @@ class LocalBackend:
         if budgets:
             for budget in budgets:
                 self.budgets[budget.redis_key]["reserved"] += amount
-            expires = now_s + settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS + RESERVATION_GRACE_SECONDS
+            expires = now_s + settings.GATEWAY_RESERVATION_LEASE_SECONDS
             self.reservations[rid] = (expires, amount, [b.redis_key for b in budgets])
         if len(self.rates) > 10_000:
             floor = int(now_s // 60) * 60 - 60
@@ -536,6 +554,9 @@ class LocalBackend:
     async def open_reservations(self) -> int:
         return len(self.reservations)
 
+    async def renew(self, rids: list[str], now_s: float) -> None:
+        """Nothing to do: held reservations are never swept (see _sweep)."""
+
 
 _backend: RedisBackend | LocalBackend | None = None
 
@@ -545,6 +566,88 @@ def backend() -> RedisBackend | LocalBackend:
     if _backend is None:
         _backend = RedisBackend() if settings.REDIS_URL else LocalBackend()
     return _backend
+
+
+# --- leases: a reservation lives as long as the request that holds it ----------------------
+
+
+@dataclass
+class _Holder:
+    """The reservations held by one event loop's requests, and the task renewing them.
+
+    Per loop because the Redis client is; a process serves from one loop, so this is
+    one renewer per process, not one per request.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    # Weak values: a ticket dropped without being settled (a bug) stops being renewed,
+    # so its money comes back one lease later rather than when the process exits.
+    tickets: weakref.WeakValueDictionary[str, Ticket] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+    renewer: asyncio.Task[None] | None = None
+
+
+_holders: dict[int, _Holder] = {}
+
+
+def _holder() -> _Holder:
+    loop = asyncio.get_running_loop()
+    holder = _holders.get(id(loop))
+    if holder is None or holder.loop is not loop:
+        # A loop's id can be reused once it is gone; forget the holders of closed loops.
+        for loop_id, old in list(_holders.items()):
+            if old.loop.is_closed():
+                del _holders[loop_id]
+        holder = _Holder(loop)
+        _holders[id(loop)] = holder
+    return holder
+
+
+def _hold(ticket: Ticket) -> None:
+    holder = _holder()
+    holder.tickets[ticket.reservation_id] = ticket
+    if holder.renewer is None and isinstance(backend(), RedisBackend):
+        holder.renewer = holder.loop.create_task(_renew(holder), context=contextvars.Context())
+
+
+def _unhold(ticket: Ticket) -> None:
+    for holder in _holders.values():
+        holder.tickets.pop(ticket.reservation_id, None)
+
+
+def _is_held(rid: str) -> bool:
+    return any(rid in holder.tickets for holder in _holders.values())
+
+
+async def _renew(holder: _Holder) -> None:
+    """Every third of a lease, extend the lease of everything this loop still holds.
+
+    A failed renewal (Redis away) is retried at the next tick: two in a row may
+    fail before a lease lapses. The task ends when nothing is held, and the next
+    admission starts it again.
+    """
+    interval = settings.GATEWAY_RESERVATION_LEASE_SECONDS / 3
+    loop = asyncio.get_running_loop()
+    tick = loop.time()
+    try:
+        while True:
+            # A fixed cadence: a renewal that stalls (for up to twice the Redis timeout,
+            # at most a sixth of the lease) does not push the next one later. Ticks
+            # missed while the loop was blocked are not made up.
+            tick = max(tick + interval, loop.time())
+            await asyncio.sleep(tick - loop.time())
+            rids = list(holder.tickets.keys())
+            if not rids:
+                return
+            try:
+                await backend().renew(rids, time.time())
+            except redis_client.RedisUnavailable as exc:
+                logger.warning("renewing %d reservation leases failed: %s", len(rids), exc)
+            except Exception:  # a bug must not end the renewals of every request
+                logger.exception("renewing %d reservation leases failed", len(rids))
+    finally:
+        holder.renewer = None
 
 
 # --- the API the data plane calls ---------------------------------------------------------------
@@ -586,7 +689,7 @@ async def admit(
         # TTL is longer, to outlive clock skew between processes).
         raise _rate_refusal(limit, limit.window_start + 60 - now_s)
     used = [int(v) for v in result[1:]]
-    return Ticket(
+    ticket = Ticket(
         reservation_id=rid,
         amount=amount,
         budgets=budgets,
@@ -595,6 +698,10 @@ async def admit(
         headers=_rate_headers(limits, used, now_s),
         settled=not budgets,
     )
+    if budgets:
+        # Held, and so renewed, until settled: from here on, whatever the request does.
+        _hold(ticket)
+    return ticket
 
 
 _retries: set[asyncio.Task[Any]] = set()
@@ -609,6 +716,8 @@ async def _settle_later(ticket: Ticket, actual: int) -> None:
             return
         except GatewayError:
             continue
+    # Given up: stop renewing, so the lease lapses and the reservation is released.
+    _unhold(ticket)
     logger.error(
         "reservation %s could not be settled (%s micro-USD); the budget counter is behind "
         "the ledger until it is reconciled",
@@ -625,6 +734,8 @@ def _spawn(coro: Any) -> None:
 
 async def _settle_now(ticket: Ticket, actual: int) -> None:
     spent_after = await backend().settle(ticket, actual)
+    # Only now: while a settle is retried, the money stays reserved.
+    _unhold(ticket)
     if not ticket.thresholds or actual <= 0:
         return
     found = []

@@ -242,6 +242,18 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, mini
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
 GATEWAY_CONFIG_POLL_SECONDS = env_float("GATEWAY_CONFIG_POLL_SECONDS", 1.0)
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 300.0, minimum=1)
+# A budget reservation is leased: the process that holds it renews it every third of
+# this while its request runs, however long that is (a long stream, retries, waits).
+# Only when the process is gone do renewals stop, and the reservation is released
+# this long after the last one. Each renewal may take up to twice the Redis timeout,
+# so a lease shorter than six of those could lapse under a merely slow Redis.
+GATEWAY_RESERVATION_LEASE_SECONDS = env_float("GATEWAY_RESERVATION_LEASE_SECONDS", 30.0, minimum=1)
+if GATEWAY_RESERVATION_LEASE_SECONDS < 6 * REDIS_TIMEOUT_SECONDS:
+    raise ImproperlyConfigured(
+        f"GATEWAY_RESERVATION_LEASE_SECONDS={GATEWAY_RESERVATION_LEASE_SECONDS} must be at least "
+        f"6 x GATEWAY_REDIS_TIMEOUT_SECONDS ({6 * REDIS_TIMEOUT_SECONDS:g}), so that a renewal "
+        "(every third of the lease) can stall on a slow Redis without the lease lapsing."
+    )
 # Used to reserve budget when a request gives no max_tokens and the model's own
 # maximum output is unknown.
 GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS = env_int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1)
