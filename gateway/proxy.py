@@ -145,6 +145,33 @@ def plan(
     return list(dict.fromkeys([model, *fallbacks]))
 
 
+def refuse_media_downloads(
+    endpoint: Endpoint, body: dict[str, Any], table: RoutingTable, chain: list[str]
+) -> None:
+    """Refuse, before anything is reserved or called, a media URL that some deployment
+    of the chain would make the gateway download (a client must not get the gateway to
+    fetch from inside its network). Checked for every model the request may fall back
+    to: the promise holds on every attempt. The body is walked only when needed."""
+    if not endpoint.media_fields:
+        return
+    fetcher = next(
+        (name for name in chain for d in table.group(name) if endpoint.downloads_media_urls(d)),
+        None,
+    )
+    if fetcher is None:
+        return
+    for name in endpoint.media_fields:
+        found = validation.find_remote_media(body.get(name), (name,))
+        if found:
+            raise errors.invalid_request(
+                f"'{found}' is a URL, and model '{fetcher}' cannot take media by URL: the "
+                "gateway would have to download it, and it never fetches a URL a request "
+                "names. Send the content inline instead (a base64 data: URL).",
+                param=found,
+                code="remote_media_url",
+            )
+
+
 def _max_output(call: Call, table: RoutingTable, chain: list[str]) -> int:
     requested = call.endpoint.requested_output(call.body)
     if requested is not None:
@@ -401,6 +428,7 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
     )
     table = await routing_tables.get()
     chain = plan(principal, table, call.model, parsed.fallbacks)
+    refuse_media_downloads(endpoint, body, table, chain)
     if idempotency_key:
         call.claim = await idempotency.claim(
             principal.key_id,

@@ -63,6 +63,22 @@ def _never_follow_redirects() -> None:
 _never_follow_redirects()
 
 
+def _never_download_media() -> None:
+    """Turn off litellm's download of image/file URLs it inlines for some providers.
+
+    The gateway refuses such requests before routing (proxy.refuse_media_downloads);
+    this is the second lock, for any part shape that check does not know. Zero is
+    litellm's own documented "disable image URL handling" value of this limit, read
+    at call time from this module.
+    """
+    from litellm.litellm_core_utils.prompt_templates import image_handling
+
+    setattr(image_handling, "MAX_IMAGE_URL_DOWNLOAD_SIZE_MB", 0)  # noqa: B010 - Final upstream
+
+
+_never_download_media()
+
+
 @dataclass(frozen=True, slots=True)
 class Deployment:
     id: str
