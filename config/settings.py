@@ -17,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.env import (
     env_bool,
+    env_destinations,
     env_float,
     env_int,
     env_list,
@@ -237,6 +238,10 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, mini
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
 GATEWAY_CONFIG_POLL_SECONDS = env_float("GATEWAY_CONFIG_POLL_SECONDS", 1.0)
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 300.0, minimum=1)
+# Exceptions to the api_base rule (gateway.destinations): host names, IP addresses or
+# CIDR networks an admin may point a deployment at although they are link-local or a
+# cloud metadata service. Empty by default.
+GATEWAY_API_BASE_ALLOW = env_destinations("GATEWAY_API_BASE_ALLOW")
 # Used to reserve budget when a request gives no max_tokens and the model's own
 # maximum output is unknown.
 GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS = env_int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1)

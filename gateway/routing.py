@@ -22,6 +22,7 @@ from billing.pricing import ZERO, Prices, per_million_from_per_token
 from gateway.auth import KeyPrincipal
 from gateway.crypto import decrypt_secret
 from gateway.db import run_db
+from gateway.destinations import api_base_problem
 from gateway.errors import GatewayError
 from gateway.models import ConfigVersion, ModelAlias, ModelDeployment, ModelGroup
 
@@ -318,6 +319,11 @@ def build_table(config: _Config) -> RoutingTable:
     table = RoutingTable(token=config.token)
     entries: dict[str, list[dict[str, Any]]] = {}
     for row in config.rows:
+        problem = api_base_problem(row.api_base)
+        if problem:
+            # Saved before the rule existed (or the allow-list shrank): never called.
+            logger.error("skipping deployment %s (%s): %s", row.public_id, row.name, problem)
+            continue
         try:
             deployment = snapshot(row)
             entry = _litellm_entry(row, deployment)

@@ -364,3 +364,156 @@ def test_a_fallback_that_would_download_the_url_refuses_the_request_up_front(
     error = response.json()["error"]
     assert error["param"] == "messages[0].content[1].image_url.url"
     assert claude.name in error["message"]
+
+
+# --- item 15: an admin's api_base ----------------------------------------------------------
+
+REFUSED_BASES = [
+    "http://169.254.169.254/latest/meta-data",  # AWS/GCP/Azure metadata
+    "http://169.254.10.20:8080/v1",  # any IPv4 link-local
+    "http://[fe80::1]/v1",  # IPv6 link-local
+    "http://[fd00:ec2::254]/v1",  # AWS metadata over IPv6
+    "http://[::ffff:169.254.169.254]/v1",  # the same, IPv4-mapped
+    "http://100.100.100.200/v1",  # Alibaba metadata
+    "http://metadata.google.internal/computeMetadata/v1",
+    "http://METADATA.google.internal./v1",  # case and trailing dot
+    "http://metadata/v1",
+    "http://instance-data/latest",
+    "https://user:secret@api.openai.com/v1",  # user-info
+    "https://api.openai.com@169.254.169.254/v1",  # user-info hiding the real host
+    "file:///etc/passwd",
+    "gopher://127.0.0.1:6379/_INFO",
+]
+ACCEPTED_BASES = [
+    "http://10.0.0.5:8000/v1",
+    "http://172.16.3.4/v1",
+    "http://192.168.1.10:11434",
+    "http://[fd12:3456::1]:8000/v1",
+    "http://127.0.0.1:9/v1",
+    "http://[::1]:9/v1",
+    "http://localhost:8000/v1",
+    "https://api.openai.com/v1",
+]
+
+
+def _model_body(api_base: str) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    return {"name": f"base-{tag}", "provider_model": f"openai/base-{tag}", "api_base": api_base}
+
+
+def _names_api_base(response: httpx.Response) -> bool:
+    error = response.json().get("error") or {}
+    return error.get("param") == "api_base" or "api_base" in str(error.get("message"))
+
+
+def test_the_admin_api_refuses_metadata_link_local_and_user_info_api_bases(live_gateway):
+    from gateway.models import ModelDeployment
+
+    existing = live_gateway.admin().post("/models", json=_model_body("http://10.1.2.3/v1"))
+    assert existing.status_code == 201, existing.text
+    failures = []
+    with live_gateway.admin() as admin:
+        for base in REFUSED_BASES:
+            body = _model_body(base)
+            created = admin.post("/models", json=body)
+            if created.status_code not in (400, 422) or not _names_api_base(created):
+                failures.append(f"create {base}: {created.status_code} {created.text[:200]}")
+            if ModelDeployment.objects.filter(name=body["name"]).exists():
+                failures.append(f"create {base}: a row was stored")
+            patched = admin.patch(f"/models/{existing.json()['id']}", json={"api_base": base})
+            if patched.status_code not in (400, 422) or not _names_api_base(patched):
+                failures.append(f"update {base}: {patched.status_code} {patched.text[:200]}")
+    assert failures == []
+    stored = ModelDeployment.objects.get(public_id=existing.json()["id"])
+    assert stored.api_base == "http://10.1.2.3/v1"
+
+
+def test_private_ranges_loopback_and_public_hosts_stay_allowed(live_gateway):
+    with live_gateway.admin() as admin:
+        answers = {base: admin.post("/models", json=_model_body(base)) for base in ACCEPTED_BASES}
+    refused = {b: (r.status_code, r.text[:200]) for b, r in answers.items() if r.status_code != 201}
+    assert refused == {}
+
+
+def test_the_dashboard_form_refuses_a_metadata_api_base(live_gateway):
+    from django.contrib.auth.models import User
+
+    from gateway.models import ModelDeployment
+    from tests.proofs.support import dashboard_login, dashboard_post
+
+    password = f"pw-{uuid.uuid4().hex}"
+    root = User.objects.create_superuser(f"root-{uuid.uuid4().hex[:8]}", "r@example.com", password)
+    dashboard = dashboard_login(live_gateway.url, root.username, password)
+    dashboard.get("/models/new/")
+    for base in ("http://169.254.169.254/latest", "http://u:p@10.0.0.5/v1"):
+        body = _model_body(base)
+        response = dashboard_post(
+            dashboard, "/models/new/", {**body, "weight": "1", "enabled": "on"}
+        )
+        assert response.status_code == 400, (base, response.status_code)
+        assert "api_base" in response.text or "link-local" in response.text, base
+        assert not ModelDeployment.objects.filter(name=body["name"]).exists(), base
+    accepted = dashboard_post(
+        dashboard, "/models/new/", {**_model_body("http://10.0.0.5/v1"), "weight": "1"}
+    )
+    assert accepted.status_code == 302, accepted.text[:300]
+
+
+def test_an_allow_listed_exception_is_accepted_and_nothing_else(private_gateway):
+    gateway = private_gateway(GATEWAY_API_BASE_ALLOW="169.254.10.0/24, metadata.google.internal")
+    with gateway.admin() as admin:
+        ok_range = admin.post("/models", json=_model_body("http://169.254.10.7:8000/v1"))
+        ok_name = admin.post("/models", json=_model_body("http://metadata.google.internal/v1"))
+        still_refused = admin.post("/models", json=_model_body("http://169.254.169.254/v1"))
+        user_info = admin.post("/models", json=_model_body("http://u:p@169.254.10.7/v1"))
+    assert ok_range.status_code == 201, ok_range.text
+    assert ok_name.status_code == 201, ok_name.text
+    assert still_refused.status_code == 400 and _names_api_base(still_refused)
+    # The allow-list permits an address, never credentials in the URL.
+    assert user_info.status_code == 400 and _names_api_base(user_info)
+
+
+def test_a_metadata_api_base_stored_before_the_rule_is_never_called(
+    live_gateway, make_key, make_model
+):
+    """A row saved before this rule existed (written here past the service, as an old
+    release would have) is left out of the routing table: its model answers 404, and a
+    model that also has a sound deployment is served by that one only."""
+    from gateway import services
+    from gateway.models import ModelDeployment
+
+    tag = uuid.uuid4().hex[:8]
+    lone = ModelDeployment.objects.create(
+        name=f"legacy-{tag}", provider_model=f"openai/l-{tag}", api_base="http://169.254.169.254/v1"
+    )
+    sound = make_model(name=f"mixed-{tag}", provider_model=f"openai/m-{tag}")
+    ModelDeployment.objects.create(
+        name=sound.name, provider_model=f"openai/m-{tag}", api_base="http://169.254.169.254/v1"
+    )
+    services.config_version_bump()
+    secret = make_key().secret
+    hello = [{"role": "user", "content": "hi"}]
+
+    refused = send(
+        live_gateway, secret, "/chat/completions", {"model": lone.name, "messages": hello}
+    )
+    served = [
+        send(live_gateway, secret, "/chat/completions", {"model": sound.name, "messages": hello})
+        for _ in range(6)
+    ]
+
+    assert refused.status_code == 404, refused.text[:300]
+    assert [r.status_code for r in served] == [200] * 6, [r.text[:200] for r in served]
+
+
+@pytest.mark.parametrize(
+    "value", ["169.254.0.0/33", "not a host!", "999.1.1.1", "http://x/", "-bad.example"]
+)
+def test_a_malformed_allow_list_stops_start_up(monkeypatch, value):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from config.env import env_destinations
+
+    monkeypatch.setenv("GATEWAY_API_BASE_ALLOW", f"10.0.0.0/8,{value}")
+    with pytest.raises(ImproperlyConfigured, match="GATEWAY_API_BASE_ALLOW"):
+        env_destinations("GATEWAY_API_BASE_ALLOW")
