@@ -6,7 +6,9 @@ what it should look like, instead of failing later on the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -63,6 +65,29 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def env_destinations(name: str) -> tuple[str, ...]:
+    """Comma-separated host names and IP addresses or CIDR networks, lower-cased."""
+    entries = []
+    for entry in env_list(name, []):
+        value = entry.lower().rstrip(".")
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            if "/" in value or not all(_HOST_LABEL.match(p) for p in value.split(".")):
+                raise ImproperlyConfigured(
+                    f"{name}: {entry!r} is neither a host name nor an IP address or CIDR "
+                    "network (e.g. metadata.internal,169.254.10.0/24)."
+                ) from None
+            if value[:1].isdigit() and value.replace(".", "").isdigit():
+                message = f"{name}: {entry!r} is not a valid IP address."
+                raise ImproperlyConfigured(message) from None
+        entries.append(value)
+    return tuple(entries)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.env import (
     env_bool,
+    env_destinations,
     env_float,
     env_int,
     env_list,
@@ -254,6 +255,10 @@ if GATEWAY_RESERVATION_LEASE_SECONDS < 6 * REDIS_TIMEOUT_SECONDS:
         f"6 x GATEWAY_REDIS_TIMEOUT_SECONDS ({6 * REDIS_TIMEOUT_SECONDS:g}), so that a renewal "
         "(every third of the lease) can stall on a slow Redis without the lease lapsing."
     )
+# Exceptions to the api_base rule (gateway.destinations): host names, IP addresses or
+# CIDR networks an admin may point a deployment at although they are link-local or a
+# cloud metadata service. Empty by default.
+GATEWAY_API_BASE_ALLOW = env_destinations("GATEWAY_API_BASE_ALLOW")
 # Used to reserve budget when a request gives no max_tokens and the model's own
 # maximum output is unknown.
 GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS = env_int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1)

@@ -717,6 +717,7 @@ async def run_line(
         call.is_batch = True
         table = await routing_tables.get()
         chain = proxy.plan(principal, table, call.model, parsed.fallbacks)
+        proxy.refuse_media_downloads(principal, endpoint, body, table, chain)
         call.prompt_tokens = endpoint.count_prompt(table.group(call.model)[0].provider_model, body)
         if already_billed:
             # A rerun after a crash: the first run was admitted and its spend settled

@@ -343,6 +343,22 @@ class Endpoint:
     open_stream: Caller
     # Whether the provider must be asked for a usage chunk (stream_options.include_usage).
     asks_for_usage: bool = False
+    # The body fields that may hold media content parts (image, file, document URLs).
+    media_fields: tuple[str, ...] = ()
+
+    def downloads_media_urls(self, deployment: Deployment) -> bool:
+        """Whether serving this endpoint on `deployment` would make the gateway itself
+        download a media URL found in the request.
+
+        Pass-through forwards the body as is (the provider fetches, if anyone), and
+        litellm's translation into OpenAI's dialect keeps image URLs as URLs. Every
+        other translation (Anthropic from chat, Gemini, Bedrock, Ollama…) inlines media
+        by downloading it, from inside our network: those requests are refused instead.
+        """
+        return (
+            deployment.provider not in self.passthrough_providers
+            and deployment.provider not in upstream.PASSTHROUGH_PROVIDERS
+        )
 
 
 def _one(body: dict[str, Any]) -> int:
@@ -447,6 +463,7 @@ CHAT = Endpoint(
     call_json=_chat_json,
     open_stream=_chat_stream,
     asks_for_usage=True,
+    media_fields=("messages",),
 )
 
 COMPLETIONS = Endpoint(
@@ -498,6 +515,7 @@ RESPONSES = Endpoint(
     passthrough_providers=upstream.PASSTHROUGH_PROVIDERS,
     call_json=_responses_json,
     open_stream=_responses_stream,
+    media_fields=("input",),
 )
 
 MESSAGES = Endpoint(
@@ -514,4 +532,5 @@ MESSAGES = Endpoint(
     passthrough_providers=frozenset({"anthropic"}),
     call_json=_messages_json,
     open_stream=_messages_stream,
+    media_fields=("system", "messages"),
 )

@@ -9,7 +9,10 @@ import uuid
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
+
+from gateway.destinations import api_base_problem
 
 
 class BudgetPeriod(models.TextChoices):
@@ -166,6 +169,12 @@ class ModelDeployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} -> {self.provider_model}"
+
+    def clean(self) -> None:
+        # The one api_base rule, for the admin API, the dashboard and commands alike.
+        problem = api_base_problem(self.api_base)
+        if problem:
+            raise ValidationError({"api_base": problem})
 
 
 class ConfigVersion(models.Model):

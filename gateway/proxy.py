@@ -182,6 +182,43 @@ def reachable(principal: KeyPrincipal, table: RoutingTable, chain: list[str]) ->
     return seen
 
 
+def refuse_media_downloads(
+    principal: KeyPrincipal,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    table: RoutingTable,
+    chain: list[str],
+) -> None:
+    """Refuse, before anything is reserved or called, a media URL that some deployment
+    the request may reach would make the gateway download (a client must not get the
+    gateway to fetch from inside its network). Checked for every model the request may
+    fall back to, context-window and content-policy fallbacks included: the promise
+    holds on every attempt. The body is walked only when needed."""
+    if not endpoint.media_fields:
+        return
+    fetcher = next(
+        (
+            name
+            for name in reachable(principal, table, chain)
+            for d in table.group(name)
+            if endpoint.downloads_media_urls(d)
+        ),
+        None,
+    )
+    if fetcher is None:
+        return
+    for name in endpoint.media_fields:
+        found = validation.find_remote_media(body.get(name), (name,))
+        if found:
+            raise errors.invalid_request(
+                f"'{found}' is a URL, and model '{fetcher}' cannot take media by URL: the "
+                "gateway would have to download it, and it never fetches a URL a request "
+                "names. Send the content inline instead (a base64 data: URL).",
+                param=found,
+                code="remote_media_url",
+            )
+
+
 def _max_output(call: Call, table: RoutingTable, chain: list[str]) -> int:
     """Output tokens the request may make on any model of `chain`: the one rule for the
     budget reservation, the key's tokens-per-minute and a deployment's tpm.
@@ -463,6 +500,7 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
     )
     table = await routing_tables.get()
     chain = plan(principal, table, call.model, parsed.fallbacks)
+    refuse_media_downloads(principal, endpoint, body, table, chain)
     if idempotency_key:
         call.claim = await idempotency.claim(
             principal.key_id,

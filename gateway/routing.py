@@ -22,6 +22,7 @@ from billing.pricing import ZERO, Prices, per_million_from_per_token
 from gateway.auth import KeyPrincipal
 from gateway.crypto import decrypt_secret
 from gateway.db import run_db
+from gateway.destinations import api_base_problem
 from gateway.errors import GatewayError
 from gateway.models import ConfigVersion, ModelAlias, ModelDeployment, ModelGroup
 
@@ -61,6 +62,22 @@ def _never_follow_redirects() -> None:
 
 
 _never_follow_redirects()
+
+
+def _never_download_media() -> None:
+    """Turn off litellm's download of image/file URLs it inlines for some providers.
+
+    The gateway refuses such requests before routing (proxy.refuse_media_downloads);
+    this is the second lock, for any part shape that check does not know. Zero is
+    litellm's own documented "disable image URL handling" value of this limit, read
+    at call time from this module.
+    """
+    from litellm.litellm_core_utils.prompt_templates import image_handling
+
+    setattr(image_handling, "MAX_IMAGE_URL_DOWNLOAD_SIZE_MB", 0)  # noqa: B010 - Final upstream
+
+
+_never_download_media()
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +319,11 @@ def build_table(config: _Config) -> RoutingTable:
     table = RoutingTable(token=config.token)
     entries: dict[str, list[dict[str, Any]]] = {}
     for row in config.rows:
+        problem = api_base_problem(row.api_base)
+        if problem:
+            # Saved before the rule existed (or the allow-list shrank): never called.
+            logger.error("skipping deployment %s (%s): %s", row.public_id, row.name, problem)
+            continue
         try:
             deployment = snapshot(row)
             entry = _litellm_entry(row, deployment)

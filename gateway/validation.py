@@ -243,6 +243,51 @@ def _dotted(path: tuple[str, ...]) -> str:
     return out
 
 
+# Content parts that carry media by reference. A provider given one of these through
+# litellm's translation (Anthropic from chat, Gemini, Bedrock…) would make litellm
+# download the URL itself, from inside our network.
+MEDIA_PART_TYPES = frozenset(
+    {
+        "image_url",  # chat
+        "file",  # chat (file.file_id may be a URL)
+        "video_url",  # chat, litellm's Gemini extension
+        "audio_url",
+        "input_image",  # Responses
+        "input_file",  # Responses
+        "input_video",
+        "image",  # Anthropic Messages (source.type "url")
+        "document",  # Anthropic Messages
+    }
+)
+
+
+def _remote(value: str) -> bool:
+    # Case and leading blanks do not matter: some HTTP client along the way may forgive them.
+    return value.lstrip()[:6].lower().startswith(("http:", "https:"))
+
+
+def find_remote_media(value: Any, path: tuple[str, ...] = (), in_media: bool = False) -> str | None:
+    """The dotted path of the first http(s) URL inside a media content part, if any.
+
+    Inline `data:` URLs are fine; text that merely mentions a URL is not a media part.
+    The body was already walked by `find_forbidden`, so its depth is bounded.
+    """
+    if isinstance(value, str):
+        return _dotted(path) if in_media and _remote(value) else None
+    if isinstance(value, dict):
+        in_media = in_media or value.get("type") in MEDIA_PART_TYPES
+        for key, child in value.items():
+            found = find_remote_media(child, (*path, str(key)), in_media)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found = find_remote_media(child, (*path, str(index)), in_media)
+            if found:
+                return found
+    return None
+
+
 def refuse_overrides(body: dict[str, Any]) -> None:
     found = find_forbidden(body)
     if found:
