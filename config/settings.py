@@ -22,6 +22,7 @@ from config.env import (
     env_list,
     env_str,
     parse_database_url,
+    redis_role_url,
     validate_redis_url,
 )
 
@@ -159,14 +160,23 @@ DATABASE_ROUTERS = ["gateway.db.HotPathRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, cache and Celery -----------------------------------------------------
+# REDIS_URL turns Redis on and is the default for the three roles below. Budgets
+# (with rate limits, reservations and idempotency keys) and the Celery broker must
+# never lose a key to eviction, so they belong on a Redis with `noeviction`; the
+# response cache is disposable and belongs on one with an LRU policy. Pointing the
+# roles at separate instances (or databases) keeps one policy from hurting another.
 REDIS_URL = validate_redis_url(env_str("REDIS_URL")) if env_str("REDIS_URL") else ""
+GATEWAY_BUDGET_REDIS_URL = redis_role_url("GATEWAY_BUDGET_REDIS_URL", REDIS_URL)
+GATEWAY_CACHE_REDIS_URL = redis_role_url("GATEWAY_CACHE_REDIS_URL", REDIS_URL)
 REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5, minimum=0.01)
 if REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
+            "LOCATION": GATEWAY_CACHE_REDIS_URL,
             "KEY_PREFIX": "gw",
+            # Django's own cache holds nothing that must survive; a day bounds it anyway.
+            "TIMEOUT": 86400,
             "OPTIONS": {
                 "socket_timeout": REDIS_TIMEOUT_SECONDS,
                 "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
@@ -176,7 +186,7 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
-CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_BROKER_URL = redis_role_url("CELERY_BROKER_URL", REDIS_URL) or "memory://"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
 CELERY_TASK_EAGER_PROPAGATES = True
@@ -247,6 +257,21 @@ GATEWAY_LEDGER_SPOOL_DIR = env_str("GATEWAY_LEDGER_SPOOL_DIR", str(VAR_DIR / "le
 # and whether a hit is billed like the original answer (default: hits are free).
 GATEWAY_CACHE_TTL_SECONDS = env_int("GATEWAY_CACHE_TTL_SECONDS", 3600, minimum=1)
 GATEWAY_CACHE_BILL_HITS = env_bool("GATEWAY_CACHE_BILL_HITS", False)
+# What one team may keep in the response cache and in the idempotency store; storing
+# past a cap evicts that team's oldest entries, and an entry bigger than the byte cap
+# on its own is not stored (gateway/capped_store.py).
+GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM = env_int(
+    "GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM", 10_000, minimum=1
+)
+GATEWAY_CACHE_MAX_BYTES_PER_TEAM = env_int(
+    "GATEWAY_CACHE_MAX_BYTES_PER_TEAM", 100 * 1024 * 1024, minimum=1024
+)
+GATEWAY_IDEMPOTENCY_MAX_ENTRIES_PER_TEAM = env_int(
+    "GATEWAY_IDEMPOTENCY_MAX_ENTRIES_PER_TEAM", 100_000, minimum=1
+)
+GATEWAY_IDEMPOTENCY_MAX_BYTES_PER_TEAM = env_int(
+    "GATEWAY_IDEMPOTENCY_MAX_BYTES_PER_TEAM", 256 * 1024 * 1024, minimum=1024
+)
 
 # --- Workers: rollups, invoices, alerts, webhooks, batches -------------------------------
 # Outgoing mail for budget alerts (console by default: nothing leaves the machine).

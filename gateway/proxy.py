@@ -403,6 +403,7 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
     chain = plan(principal, table, call.model, parsed.fallbacks)
     if idempotency_key:
         call.claim = await idempotency.claim(
+            principal.team_id,
             principal.key_id,
             idempotency_key,
             idempotency.fingerprint({"endpoint": endpoint.name, "body": body}),

@@ -14,6 +14,7 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -22,7 +23,7 @@ pytestmark: list[pytest.MarkDecorator] = []
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
-SERVICES = {"postgres", "redis", "mock", "web", "worker", "beat"}
+SERVICES = {"postgres", "redis", "redis-cache", "mock", "web", "worker", "beat"}
 PROJECT_SERVICES = {"mock", "web", "worker", "beat"}
 SHARED_ENV = {
     "DATABASE_URL",
@@ -31,6 +32,9 @@ SHARED_ENV = {
     "GATEWAY_ADMIN_TOKEN",
     "LITELLM_LOCAL_MODEL_COST_MAP",
     "GATEWAY_ENCRYPTION_KEY",
+    "GATEWAY_BUDGET_REDIS_URL",
+    "GATEWAY_CACHE_REDIS_URL",
+    "CELERY_BROKER_URL",
 }
 # `python -m X` where X is a server that loads an app of ours: check the app instead.
 ASGI_SERVERS = {"uvicorn", "granian"}
@@ -128,7 +132,7 @@ def check_argv(argv: list[str]) -> None:
         pytest.fail(f"don't know how to check command {argv}")
 
 
-def test_it_has_the_six_services() -> None:
+def test_it_has_the_seven_services() -> None:
     assert set(services()) >= SERVICES
 
 
@@ -179,3 +183,31 @@ def test_it_builds_the_image_from_the_hashed_lock() -> None:
     assert "--require-hashes -r requirements.lock" in dockerfile
     for name in PROJECT_SERVICES:
         assert services()[name].get("build") == "."
+
+
+def _redis_policy(service: str) -> str:
+    argv = services()[service]["command"]
+    assert argv[0] == "redis-server"
+    return str(argv[argv.index("--maxmemory-policy") + 1])
+
+
+def _redis_service_of(url: str) -> str:
+    host = urlsplit(url).hostname
+    assert host in services(), f"{url} points at no service of this file"
+    return str(host)
+
+
+def test_it_never_lets_the_cache_evict_budgets_or_the_broker() -> None:
+    env = load_compose()["x-gateway-env"]
+    budget = _redis_service_of(env["GATEWAY_BUDGET_REDIS_URL"])
+    broker = _redis_service_of(env["CELERY_BROKER_URL"])
+    cache = _redis_service_of(env["GATEWAY_CACHE_REDIS_URL"])
+    assert _redis_policy(budget) == "noeviction"
+    assert _redis_policy(broker) == "noeviction"
+    assert _redis_policy(cache) == "allkeys-lru"
+    assert cache not in {budget, broker}
+    # The broker's queues and the budgets share an instance but not a database.
+    assert env["CELERY_BROKER_URL"] != env["GATEWAY_BUDGET_REDIS_URL"]
+    # The LRU instance has a memory cap to evict within.
+    cache_argv = services()[cache]["command"]
+    assert cache_argv[cache_argv.index("--maxmemory") + 1]
