@@ -245,6 +245,15 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, mini
 # How stale an in-process view of a key or of the model configuration may be. A
 # revocation therefore reaches every process within this many seconds.
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
+# Unknown key secrets are remembered this long (a key issued after a miss works
+# within it) and at most this many at once, oldest dropped first: a flood of random
+# keys then costs one query per distinct key per interval, and bounded memory.
+GATEWAY_KEY_NEGATIVE_CACHE_SECONDS = env_float(
+    "GATEWAY_KEY_NEGATIVE_CACHE_SECONDS", GATEWAY_KEY_CACHE_SECONDS
+)
+GATEWAY_KEY_NEGATIVE_CACHE_ENTRIES = env_int(
+    "GATEWAY_KEY_NEGATIVE_CACHE_ENTRIES", 10_000, minimum=1
+)
 GATEWAY_CONFIG_POLL_SECONDS = env_float("GATEWAY_CONFIG_POLL_SECONDS", 1.0)
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 300.0, minimum=1)
 # Used to reserve budget when a request gives no max_tokens and the model's own
