@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +57,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "ninja",
+    "axes",
     "gateway",
     "billing",
     "dashboard",
@@ -71,6 +73,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429 answer.
+    "axes.middleware.AxesMiddleware",
 ]
 # The data plane (/v1, /health) needs none of sessions, CSRF or messages, and every
 # sync middleware costs a thread hop per request under ASGI; see config/asgi.py.
@@ -204,6 +208,35 @@ AUTH_PASSWORD_VALIDATORS = [
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env_bool("GATEWAY_SECURE_COOKIES", not DEBUG and not TESTING)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# TLS is usually ended by a proxy in front; these apply to the dashboard and the
+# management API (the data plane runs without SecurityMiddleware, see config/asgi.py).
+# Trust the proxy's X-Forwarded-Proto only when one is there to set it: otherwise a
+# client could claim https itself.
+if env_bool("GATEWAY_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("GATEWAY_SSL_REDIRECT", False)
+# Sent only on https responses, so it is safe to set before TLS works everywhere.
+SECURE_HSTS_SECONDS = env_int("GATEWAY_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("GATEWAY_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("GATEWAY_HSTS_PRELOAD", False)
+if SECURE_HSTS_PRELOAD and (SECURE_HSTS_SECONDS < 31536000 or not SECURE_HSTS_INCLUDE_SUBDOMAINS):
+    raise ImproperlyConfigured(
+        "GATEWAY_HSTS_PRELOAD=1 needs GATEWAY_HSTS_SECONDS of at least 31536000 (a year) "
+        "and GATEWAY_HSTS_INCLUDE_SUBDOMAINS=1, as browsers' preload lists require."
+    )
+
+# Dashboard logins are throttled by django-axes: after GATEWAY_LOGIN_FAILURE_LIMIT
+# failures for one username from one address, that pair is refused (429) for
+# GATEWAY_LOGIN_COOLOFF_SECONDS; the same username from elsewhere is not locked out.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("GATEWAY_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(seconds=env_int("GATEWAY_LOGIN_COOLOFF_SECONDS", 900, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 LOGIN_URL = "/login/"
