@@ -290,3 +290,52 @@ def test_it_gives_each_redis_role_its_own_url_defaulting_to_redis_url() -> None:
     assert bad.returncode != 0 and "GATEWAY_CACHE_REDIS_URL has scheme 'http'" in bad.stderr
     alone = _start_up(GATEWAY_BUDGET_REDIS_URL="redis://budgets:6379/0")
     assert alone.returncode != 0 and "set REDIS_URL too" in alone.stderr
+
+
+def test_it_caps_each_team_in_the_in_process_stores_too(
+    private_gateway: Any, make_model: Any, make_key: Any, mock_upstream: Any
+) -> None:
+    """The embedded default (no Redis) keeps the same per-team caps, in the process."""
+    gateway = private_gateway(
+        REDIS_URL="",
+        GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM=str(CACHE_ENTRIES),
+        GATEWAY_IDEMPOTENCY_MAX_ENTRIES_PER_TEAM=str(IDEM_ENTRIES),
+    )
+    model = make_model()
+    victim, flooder = make_key(), make_key()
+
+    def cached(secret: str, text: str) -> str:
+        client = openai.OpenAI(base_url=gateway.v1, api_key=secret, max_retries=0)
+        response = client.chat.completions.with_raw_response.create(
+            model=model.name,
+            messages=[{"role": "user", "content": text}],
+            max_tokens=20,
+            extra_headers={"x-gateway-cache": "on"},
+        )
+        return response.headers.get("x-gateway-cache", "miss")
+
+    assert cached(victim.secret, "keep me") == "miss"
+    for i in range(CACHE_ENTRIES + 1):
+        assert cached(flooder.secret, f"flood {i}") == "miss"
+    # The flooder's oldest answer made room for its newest; the victim kept theirs.
+    assert cached(flooder.secret, f"flood {CACHE_ENTRIES}") == "hit"
+    assert cached(flooder.secret, "flood 0") == "miss"
+    assert cached(victim.secret, "keep me") == "hit"
+
+    def idempotent(secret: str, key: str) -> str:
+        client = openai.OpenAI(base_url=gateway.v1, api_key=secret, max_retries=0)
+        return client.chat.completions.create(
+            model=model.name,
+            messages=MESSAGES,
+            max_tokens=20,
+            extra_headers={"idempotency-key": key},
+        ).id
+
+    first = idempotent(victim.secret, "victim")
+    flood = [idempotent(flooder.secret, f"flood-{i}") for i in range(IDEM_ENTRIES + 1)]
+    calls = mock_upstream.calls(model.name)
+    assert idempotent(victim.secret, "victim") == first  # a replay: no new provider call
+    assert idempotent(flooder.secret, f"flood-{IDEM_ENTRIES}") == flood[-1]
+    assert mock_upstream.calls(model.name) == calls
+    # The flooder's oldest key was evicted: its repeat runs again.
+    assert idempotent(flooder.secret, "flood-0") != flood[0]
