@@ -81,16 +81,26 @@ def _models(gateway: Any, secret: str) -> httpx.Response:
     )
 
 
-@pytest.fixture
-def key_gateway(private_gateway: Any) -> Any:
+def _key_gateway(private_gateway: Any, negative_seconds: float) -> Any:
     return private_gateway(
         # Known keys stay cached through the whole test: only bad keys reach Postgres.
         GATEWAY_KEY_CACHE_SECONDS="120",
-        GATEWAY_KEY_NEGATIVE_CACHE_SECONDS=str(NEGATIVE_SECONDS),
+        GATEWAY_KEY_NEGATIVE_CACHE_SECONDS=str(negative_seconds),
         GATEWAY_KEY_NEGATIVE_CACHE_ENTRIES=str(NEGATIVE_ENTRIES),
         # A lookup stuck behind the test's lock gives up quickly.
         GATEWAY_DB_TIMEOUT_SECONDS="0.5",
     )
+
+
+@pytest.fixture
+def key_gateway(private_gateway: Any) -> Any:
+    # Misses are remembered far longer than a test takes, however slow the machine.
+    return _key_gateway(private_gateway, 120)
+
+
+@pytest.fixture
+def short_gateway(private_gateway: Any) -> Any:
+    return _key_gateway(private_gateway, NEGATIVE_SECONDS)
 
 
 def test_it_answers_a_repeated_bad_key_without_asking_the_database(
@@ -102,12 +112,10 @@ def test_it_answers_a_repeated_bad_key_without_asking_the_database(
     assert _models(key_gateway, bad).status_code == 401
 
     with key_table_locked():
-        started = time.monotonic()
+        # Thirty answers without one query: a query would wait on the lock, then 503.
         for _ in range(30):
             response = _models(key_gateway, bad)
             assert response.status_code == 401, response.text
-        # Thirty answers without one query: a query would wait on the lock for a second.
-        assert time.monotonic() - started < 3
         assert _models(key_gateway, good.secret).status_code == 200
         # The lock does stop a lookup that reaches Postgres: the proof above can fail.
         fresh = _models(key_gateway, _bad_secret())
@@ -179,7 +187,7 @@ def test_it_keeps_the_negative_cache_bounded_and_never_drops_known_keys(
 
 
 def test_it_accepts_a_key_issued_after_a_miss_within_the_negative_ttl(
-    key_gateway: Any, make_key: Any
+    short_gateway: Any, make_key: Any
 ) -> None:
     from gateway.crypto import hash_key_secret
     from gateway.models import KeySecret
@@ -187,11 +195,13 @@ def test_it_accepts_a_key_issued_after_a_miss_within_the_negative_ttl(
     issued = make_key()
     secret = _bad_secret()
     missed_at = time.monotonic()
-    assert _models(key_gateway, secret).status_code == 401
+    assert _models(short_gateway, secret).status_code == 401
     # The secret becomes valid (as a rotation would add it) right after the miss.
     KeySecret.objects.create(key=issued.key, secret_hash=hash_key_secret(secret), last4=secret[-4:])
-    assert _models(key_gateway, secret).status_code == 401  # still the remembered miss
-    while _models(key_gateway, secret).status_code != 200:
+    remembered = _models(short_gateway, secret).status_code
+    if time.monotonic() - missed_at < NEGATIVE_SECONDS - 0.5:  # unless the machine stalled
+        assert remembered == 401  # still the remembered miss
+    while _models(short_gateway, secret).status_code != 200:
         assert time.monotonic() - missed_at < NEGATIVE_SECONDS + 2, "the miss outlived its TTL"
         time.sleep(0.1)
 
