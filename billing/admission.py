@@ -248,9 +248,15 @@ async def _ledger_spend(budget: Budget) -> int:
         ) from exc
 
 
-def _expiry_seconds(budget: Budget) -> int | None:
+# A one-off credit never resets, but its counter is only a copy of the ledger: it
+# expires this long after it was filled and is filled again from the ledger on the
+# next request, so an idle key leaves nothing behind in Redis.
+TOTAL_COUNTER_SECONDS = 30 * 24 * 3600
+
+
+def _expiry_seconds(budget: Budget) -> int:
     if budget.period.end is None:
-        return None
+        return TOTAL_COUNTER_SECONDS
     # Keep a finished period's counter a while for the spend API, then let it go.
     return int((budget.period.end + timedelta(days=7) - datetime.now(UTC)).total_seconds())
 
@@ -424,7 +430,7 @@ class RedisBackend:
             budget = budgets[int(result[1]) - 1]
             spent = await _ledger_spend(budget)
             await self._guard(
-                init_script(keys=[budget.redis_key], args=[spent, _expiry_seconds(budget) or 0])
+                init_script(keys=[budget.redis_key], args=[spent, _expiry_seconds(budget)])
             )
         raise unavailable()
 

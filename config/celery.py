@@ -1,4 +1,5 @@
-"""The Celery app. Redis is the broker when REDIS_URL is set; otherwise tasks run eagerly.
+"""The Celery app. Redis is the broker when REDIS_URL is set (CELERY_BROKER_URL, which defaults to
+it, may point elsewhere: a Redis that never evicts); otherwise tasks run eagerly.
 
 Worker and beat run as separate processes (`celery -A config worker`, `celery -A
 config beat`). Every task is acknowledged late and rejected back to the queue if its

@@ -129,11 +129,29 @@ def parse_database_url(raw: str) -> DatabaseUrl:
     )
 
 
-def validate_redis_url(raw: str) -> str:
+def validate_redis_url(raw: str, name: str = "REDIS_URL") -> str:
     parts = urlsplit(raw)
     if parts.scheme not in {"redis", "rediss", "unix"}:
         raise ImproperlyConfigured(
-            f"REDIS_URL has scheme {parts.scheme!r}; use redis://host:6379/0 "
+            f"{name} has scheme {parts.scheme!r}; use redis://host:6379/0 "
             "(leave REDIS_URL unset to use the in-process cache and eager Celery)."
         )
     return raw
+
+
+def redis_role_url(name: str, redis_url: str) -> str:
+    """The Redis URL of one role (budgets, cache, broker), defaulting to REDIS_URL.
+
+    REDIS_URL is what turns Redis on; a role's own URL without it would leave the
+    other roles in-process while this one is shared, so that is refused.
+    """
+    raw = env_str(name)
+    if not raw:
+        return redis_url
+    if not redis_url:
+        raise ImproperlyConfigured(
+            f"{name} is set but REDIS_URL is not: set REDIS_URL too (it turns Redis on and "
+            "is the default for GATEWAY_BUDGET_REDIS_URL, GATEWAY_CACHE_REDIS_URL and "
+            "CELERY_BROKER_URL)."
+        )
+    return validate_redis_url(raw, name)

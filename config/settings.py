@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ from config.env import (
     env_list,
     env_str,
     parse_database_url,
+    redis_role_url,
     validate_redis_url,
 )
 
@@ -56,6 +58,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "ninja",
+    "axes",
     "gateway",
     "billing",
     "dashboard",
@@ -71,6 +74,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429 answer.
+    "axes.middleware.AxesMiddleware",
 ]
 # The data plane (/v1, /health) needs none of sessions, CSRF or messages, and every
 # sync middleware costs a thread hop per request under ASGI; see config/asgi.py.
@@ -160,14 +165,23 @@ DATABASE_ROUTERS = ["gateway.db.HotPathRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, cache and Celery -----------------------------------------------------
+# REDIS_URL turns Redis on and is the default for the three roles below. Budgets
+# (with rate limits, reservations and idempotency keys) and the Celery broker must
+# never lose a key to eviction, so they belong on a Redis with `noeviction`; the
+# response cache is disposable and belongs on one with an LRU policy. Pointing the
+# roles at separate instances (or databases) keeps one policy from hurting another.
 REDIS_URL = validate_redis_url(env_str("REDIS_URL")) if env_str("REDIS_URL") else ""
+GATEWAY_BUDGET_REDIS_URL = redis_role_url("GATEWAY_BUDGET_REDIS_URL", REDIS_URL)
+GATEWAY_CACHE_REDIS_URL = redis_role_url("GATEWAY_CACHE_REDIS_URL", REDIS_URL)
 REDIS_TIMEOUT_SECONDS = env_float("GATEWAY_REDIS_TIMEOUT_SECONDS", 0.5, minimum=0.01)
 if REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
+            "LOCATION": GATEWAY_CACHE_REDIS_URL,
             "KEY_PREFIX": "gw",
+            # Django's own cache holds nothing that must survive; a day bounds it anyway.
+            "TIMEOUT": 86400,
             "OPTIONS": {
                 "socket_timeout": REDIS_TIMEOUT_SECONDS,
                 "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
@@ -177,7 +191,7 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
-CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_BROKER_URL = redis_role_url("CELERY_BROKER_URL", REDIS_URL) or "memory://"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
 CELERY_TASK_EAGER_PROPAGATES = True
@@ -200,6 +214,35 @@ AUTH_PASSWORD_VALIDATORS = [
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env_bool("GATEWAY_SECURE_COOKIES", not DEBUG and not TESTING)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# TLS is usually ended by a proxy in front; these apply to the dashboard and the
+# management API (the data plane runs without SecurityMiddleware, see config/asgi.py).
+# Trust the proxy's X-Forwarded-Proto only when one is there to set it: otherwise a
+# client could claim https itself.
+if env_bool("GATEWAY_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("GATEWAY_SSL_REDIRECT", False)
+# Sent only on https responses, so it is safe to set before TLS works everywhere.
+SECURE_HSTS_SECONDS = env_int("GATEWAY_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("GATEWAY_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("GATEWAY_HSTS_PRELOAD", False)
+if SECURE_HSTS_PRELOAD and (SECURE_HSTS_SECONDS < 31536000 or not SECURE_HSTS_INCLUDE_SUBDOMAINS):
+    raise ImproperlyConfigured(
+        "GATEWAY_HSTS_PRELOAD=1 needs GATEWAY_HSTS_SECONDS of at least 31536000 (a year) "
+        "and GATEWAY_HSTS_INCLUDE_SUBDOMAINS=1, as browsers' preload lists require."
+    )
+
+# Dashboard logins are throttled by django-axes: after GATEWAY_LOGIN_FAILURE_LIMIT
+# failures for one username from one address, that pair is refused (429) for
+# GATEWAY_LOGIN_COOLOFF_SECONDS; the same username from elsewhere is not locked out.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("GATEWAY_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(seconds=env_int("GATEWAY_LOGIN_COOLOFF_SECONDS", 900, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 LOGIN_URL = "/login/"
@@ -241,6 +284,15 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, mini
 # How stale an in-process view of a key or of the model configuration may be. A
 # revocation therefore reaches every process within this many seconds.
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
+# Unknown key secrets are remembered this long (a key issued after a miss works
+# within it) and at most this many at once, oldest dropped first: a flood of random
+# keys then costs one query per distinct key per interval, and bounded memory.
+GATEWAY_KEY_NEGATIVE_CACHE_SECONDS = env_float(
+    "GATEWAY_KEY_NEGATIVE_CACHE_SECONDS", GATEWAY_KEY_CACHE_SECONDS
+)
+GATEWAY_KEY_NEGATIVE_CACHE_ENTRIES = env_int(
+    "GATEWAY_KEY_NEGATIVE_CACHE_ENTRIES", 10_000, minimum=1
+)
 GATEWAY_CONFIG_POLL_SECONDS = env_float("GATEWAY_CONFIG_POLL_SECONDS", 1.0)
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_float("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 300.0, minimum=1)
 # A budget reservation is leased: the process that holds it renews it every third of
@@ -269,6 +321,21 @@ GATEWAY_LEDGER_SPOOL_DIR = env_str("GATEWAY_LEDGER_SPOOL_DIR", str(VAR_DIR / "le
 # and whether a hit is billed like the original answer (default: hits are free).
 GATEWAY_CACHE_TTL_SECONDS = env_int("GATEWAY_CACHE_TTL_SECONDS", 3600, minimum=1)
 GATEWAY_CACHE_BILL_HITS = env_bool("GATEWAY_CACHE_BILL_HITS", False)
+# What one team may keep in the response cache and in the idempotency store; storing
+# past a cap evicts that team's oldest entries, and an entry bigger than the byte cap
+# on its own is not stored (gateway/capped_store.py).
+GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM = env_int(
+    "GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM", 10_000, minimum=1
+)
+GATEWAY_CACHE_MAX_BYTES_PER_TEAM = env_int(
+    "GATEWAY_CACHE_MAX_BYTES_PER_TEAM", 100 * 1024 * 1024, minimum=1024
+)
+GATEWAY_IDEMPOTENCY_MAX_ENTRIES_PER_TEAM = env_int(
+    "GATEWAY_IDEMPOTENCY_MAX_ENTRIES_PER_TEAM", 100_000, minimum=1
+)
+GATEWAY_IDEMPOTENCY_MAX_BYTES_PER_TEAM = env_int(
+    "GATEWAY_IDEMPOTENCY_MAX_BYTES_PER_TEAM", 256 * 1024 * 1024, minimum=1024
+)
 
 # --- Workers: rollups, invoices, alerts, webhooks, batches -------------------------------
 # Outgoing mail for budget alerts (console by default: nothing leaves the machine).

@@ -3,12 +3,16 @@ model test call.
 
 Writes to teams, keys and models go through `gateway.services`, never here. Team
 membership changes are recorded in the same audit log as everything else, through
-`gateway.services.audit`, so a team admin sees who joined and left their team.
+`gateway.services.audit`, so a team admin sees who joined and left their team. So
+are new users and every platform role change (who, before, after); a user created
+outside the dashboard (`manage.py createsuperuser`, a shell) is recorded by
+`audit_user_created_elsewhere`, connected in dashboard/apps.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -108,10 +112,15 @@ def user_create(
     except Exception as exc:
         messages = getattr(exc, "messages", [str(exc)])
         raise DashboardError(" ".join(messages), "password") from None
-    with transaction.atomic():
-        user.set_password(password)
-        user.save()
-        _apply_platform_role(user, platform_role)
+    token = _creating_user.set(True)
+    try:
+        with transaction.atomic():
+            user.set_password(password)
+            user.save()
+            _apply_platform_role(user, platform_role)
+            audit(actor=actor, action="create", obj=user, before=None, after=user_snapshot(user))
+    finally:
+        _creating_user.reset(token)
     return user
 
 
@@ -122,8 +131,48 @@ def user_set_platform_role(*, user: User, platform_role: str, actor_user: User) 
         # Nobody locks themselves (possibly the last platform admin) out by accident.
         raise DashboardError("You cannot remove your own platform admin role.", "platform_role")
     with transaction.atomic():
+        # Locked so two admins changing one user's role record each change in order.
+        user = User.objects.select_for_update().get(id=user.id)
+        before = user_snapshot(user)
         _apply_platform_role(user, platform_role)
+        after = user_snapshot(user)
+        if after != before:
+            audit(actor=actor_user.username, action="update", obj=user, before=before, after=after)
     return user
+
+
+def user_snapshot(user: User) -> dict[str, Any]:
+    """What the audit log keeps about a user: who they are and what they may do.
+
+    Never the password hash (a generic snapshot of the row would include it).
+    """
+    finance = StaffRole.objects.filter(user_id=user.id, role=PlatformRole.FINANCE).exists()
+    return {
+        "username": user.username,
+        "email": user.email,
+        "is_active": user.is_active,
+        "platform_role": platform_role_of(user, {user.id} if finance else set()),
+    }
+
+
+# Set while user_create runs, so the catch-all below does not record its user twice.
+_creating_user: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "creating_user", default=False
+)
+ACTOR_OUTSIDE_DASHBOARD = "outside-dashboard"
+
+
+def audit_user_created_elsewhere(*, user: User) -> None:
+    """Record a user created without user_create (createsuperuser, a shell, a command)."""
+    if _creating_user.get():
+        return
+    audit(
+        actor=ACTOR_OUTSIDE_DASHBOARD,
+        action="create",
+        obj=user,
+        before=None,
+        after=user_snapshot(user),
+    )
 
 
 def _apply_platform_role(user: User, platform_role: str) -> None:

@@ -2,14 +2,22 @@
 
 The lookup is cached per process for GATEWAY_KEY_CACHE_SECONDS, so a busy key costs
 one indexed query per process per interval, and a revocation reaches every process
-within that interval. Unknown secrets are cached too, so a flood of bad keys cannot
-turn into a flood of queries.
+within that interval.
+
+Unknown secrets go to a separate negative cache, bounded in entries
+(GATEWAY_KEY_NEGATIVE_CACHE_ENTRIES, oldest dropped first) and short-lived
+(GATEWAY_KEY_NEGATIVE_CACHE_SECONDS, so a key issued after a miss works within it):
+repeating a bad key costs no query, and a flood of distinct bad keys can neither
+grow memory nor push the known keys out. Concurrent lookups of one secret share a
+single query.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -56,12 +64,13 @@ class KeyPrincipal:
         return not self.allowed_models or model in self.allowed_models
 
 
+# Known keys only: bounded by the keys that exist, and the oldest loaded goes first.
 _MAX_ENTRIES = 50_000
-_cache: dict[str, tuple[KeyPrincipal | None, float]] = {}
-
-
-def clear_key_cache() -> None:
-    _cache.clear()
+_cache: OrderedDict[str, tuple[KeyPrincipal, float]] = OrderedDict()
+# Secret hash → when it was found unknown (monotonic), oldest first.
+_unknown: OrderedDict[str, float] = OrderedDict()
+# Lookups under way, so a burst of one secret makes one query.
+_inflight: dict[str, asyncio.Task[KeyPrincipal | None]] = {}
 
 
 def _load(secret_hash: str) -> KeyPrincipal | None:
@@ -96,6 +105,47 @@ def _load(secret_hash: str) -> KeyPrincipal | None:
     )
 
 
+async def _principal(secret_hash: str) -> KeyPrincipal | None:
+    now_mono = time.monotonic()
+    cached = _cache.get(secret_hash)
+    if cached is not None and now_mono - cached[1] < settings.GATEWAY_KEY_CACHE_SECONDS:
+        return cached[0]
+    missed = _unknown.get(secret_hash)
+    if missed is not None and now_mono - missed < settings.GATEWAY_KEY_NEGATIVE_CACHE_SECONDS:
+        return None
+    lookup = _inflight.get(secret_hash)
+    if lookup is None or lookup.get_loop() is not asyncio.get_running_loop():
+        lookup = asyncio.get_running_loop().create_task(_lookup(secret_hash))
+        # Read the outcome even if every waiter left, so a failure is not reported as lost.
+        lookup.add_done_callback(lambda task: task.cancelled() or task.exception())
+        _inflight[secret_hash] = lookup
+    # Shielded: a client that hangs up must not cancel the query the others wait on.
+    return await asyncio.shield(lookup)
+
+
+async def _lookup(secret_hash: str) -> KeyPrincipal | None:
+    try:
+        principal = await run_db(_load, secret_hash)
+    except Exception as exc:  # Postgres down or its pool exhausted: fail fast and say so
+        raise database_unavailable() from exc
+    finally:
+        _inflight.pop(secret_hash, None)
+    now_mono = time.monotonic()
+    if principal is None:
+        _cache.pop(secret_hash, None)
+        _unknown[secret_hash] = now_mono
+        _unknown.move_to_end(secret_hash)
+        while len(_unknown) > settings.GATEWAY_KEY_NEGATIVE_CACHE_ENTRIES:
+            _unknown.popitem(last=False)
+    else:
+        _unknown.pop(secret_hash, None)
+        _cache[secret_hash] = (principal, now_mono)
+        _cache.move_to_end(secret_hash)
+        while len(_cache) > _MAX_ENTRIES:
+            _cache.popitem(last=False)
+    return principal
+
+
 def database_unavailable() -> GatewayError:
     return GatewayError(
         "The gateway cannot reach its database to check this key; retry shortly.",
@@ -123,18 +173,11 @@ async def authenticate(request: HttpRequest) -> KeyPrincipal:
     if not secret.startswith(settings.GATEWAY_KEY_PREFIX) or len(secret) > 200:
         raise errors.invalid_key()
     secret_hash = hash_key_secret(secret)
-    now_mono = time.monotonic()
     cached = _cache.get(secret_hash)
-    if cached is not None and now_mono - cached[1] < settings.GATEWAY_KEY_CACHE_SECONDS:
-        principal = cached[0]
+    if cached is not None and time.monotonic() - cached[1] < settings.GATEWAY_KEY_CACHE_SECONDS:
+        principal: KeyPrincipal | None = cached[0]
     else:
-        try:
-            principal = await run_db(_load, secret_hash)
-        except Exception as exc:  # Postgres down or its pool exhausted: fail fast and say so
-            raise database_unavailable() from exc
-        if len(_cache) >= _MAX_ENTRIES:
-            _cache.clear()
-        _cache[secret_hash] = (principal, now_mono)
+        principal = await _principal(secret_hash)
     if principal is None:
         raise errors.invalid_key()
     if principal.revoked:

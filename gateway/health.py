@@ -28,8 +28,10 @@ def _db_ping() -> None:
 async def _redis_ping() -> None:
     import redis.asyncio as aioredis
 
+    # The budget Redis: without it keys with a budget or limit are refused. The
+    # response cache's Redis is optional (a miss is served without it).
     client = aioredis.Redis.from_url(
-        settings.REDIS_URL,
+        settings.GATEWAY_BUDGET_REDIS_URL,
         socket_timeout=settings.REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=settings.REDIS_TIMEOUT_SECONDS,
     )

@@ -9,6 +9,11 @@ back, so the client can retry it.
 Keys are scoped to the virtual key that sent them and stored in Redis (in the
 process on the embedded default). If Redis cannot be reached, a request carrying
 an idempotency key is refused with 503 rather than risk running twice.
+
+Each team's share of the store is capped in entries and bytes
+(GATEWAY_IDEMPOTENCY_MAX_*_PER_TEAM): a flood of new keys evicts that team's own
+oldest keys (whose repeats would then run again), never another team's. A result
+larger than the byte cap is not kept: its key is given back, as after a failure.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import orjson
 from django.conf import settings
 
 from gateway import redis_client
+from gateway.capped_store import STORED, Caps, LocalCappedStore, RedisCappedStore
 from gateway.errors import GatewayError, invalid_request
 
 TTL_SECONDS = 24 * 3600
@@ -45,6 +51,7 @@ class Stored:
 
 @dataclass
 class Claim:
+    team_id: int
     storage_key: str
     fingerprint: str
     replay: Stored | None = None
@@ -99,56 +106,25 @@ def _decode(raw: bytes) -> tuple[str, Stored | None]:
     )
 
 
-class _Local:
-    def __init__(self) -> None:
-        self.items: dict[str, tuple[bytes, float]] = {}
-
-    async def set_nx(self, key: str, value: bytes, ttl: int) -> bool:
-        now = time.monotonic()
-        found = self.items.get(key)
-        if found is not None and found[1] > now:
-            return False
-        if len(self.items) > 100_000:
-            self.items = {k: v for k, v in self.items.items() if v[1] > now}
-        self.items[key] = (value, now + ttl)
-        return True
-
-    async def get(self, key: str) -> bytes | None:
-        found = self.items.get(key)
-        return found[0] if found and found[1] > time.monotonic() else None
-
-    async def set(self, key: str, value: bytes, ttl: int) -> None:
-        self.items[key] = (value, time.monotonic() + ttl)
-
-    async def delete(self, key: str) -> None:
-        self.items.pop(key, None)
+_store: LocalCappedStore | RedisCappedStore | None = None
 
 
-class _Redis:
-    async def set_nx(self, key: str, value: bytes, ttl: int) -> bool:
-        return bool(
-            await redis_client.guarded(redis_client.client().set(key, value, nx=True, ex=ttl))
-        )
-
-    async def get(self, key: str) -> bytes | None:
-        value = await redis_client.guarded(redis_client.client().get(key))
-        return value.encode() if isinstance(value, str) else value
-
-    async def set(self, key: str, value: bytes, ttl: int) -> None:
-        await redis_client.guarded(redis_client.client().set(key, value, ex=ttl))
-
-    async def delete(self, key: str) -> None:
-        await redis_client.guarded(redis_client.client().delete(key))
-
-
-_store: _Local | _Redis | None = None
-
-
-def _backend() -> _Local | _Redis:
+def _backend() -> LocalCappedStore | RedisCappedStore:
     global _store
     if _store is None:
-        _store = _Redis() if settings.REDIS_URL else _Local()
+        _store = (
+            RedisCappedStore("gw:idem", redis_client.client)
+            if settings.REDIS_URL
+            else LocalCappedStore()
+        )
     return _store
+
+
+def _caps() -> Caps:
+    return Caps(
+        settings.GATEWAY_IDEMPOTENCY_MAX_ENTRIES_PER_TEAM,
+        settings.GATEWAY_IDEMPOTENCY_MAX_BYTES_PER_TEAM,
+    )
 
 
 def header_value(raw: str | None) -> str | None:
@@ -170,7 +146,7 @@ def fingerprint(body: dict[str, Any]) -> str:
 
 
 async def claim(
-    key_id: int, idempotency_key: str, body_fingerprint: str, wait_seconds: float
+    team_id: int, key_id: int, idempotency_key: str, body_fingerprint: str, wait_seconds: float
 ) -> Claim:
     """Claim the key, or wait for whoever holds it and return its stored result."""
     digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
@@ -179,18 +155,24 @@ async def claim(
     deadline = time.monotonic() + wait_seconds
     try:
         while True:
-            if await store.set_nx(
-                storage_key, _encode(body_fingerprint, None), PENDING_TTL_SECONDS
-            ):
-                return Claim(storage_key, body_fingerprint)
-            raw = await store.get(storage_key)
+            taken = await store.set(
+                team_id,
+                storage_key,
+                _encode(body_fingerprint, None),
+                PENDING_TTL_SECONDS,
+                _caps(),
+                nx=True,
+            )
+            if taken == STORED:
+                return Claim(team_id, storage_key, body_fingerprint)
+            raw = await store.get(team_id, storage_key)
             if raw is None:
                 continue  # released between our two calls: try to claim again
             stored_fp, stored = _decode(raw)
             if stored_fp != body_fingerprint:
                 raise _conflict()
             if stored is not None:
-                return Claim(storage_key, body_fingerprint, replay=stored)
+                return Claim(team_id, storage_key, body_fingerprint, replay=stored)
             if time.monotonic() >= deadline:
                 raise GatewayError(
                     "A request with this Idempotency-Key is still running; "
@@ -207,10 +189,19 @@ async def claim(
 
 async def complete(claim: Claim, stored: Stored) -> None:
     try:
-        await _backend().set(claim.storage_key, _encode(claim.fingerprint, stored), TTL_SECONDS)
+        kept = await _backend().set(
+            claim.team_id,
+            claim.storage_key,
+            _encode(claim.fingerprint, stored),
+            TTL_SECONDS,
+            _caps(),
+        )
     except redis_client.RedisUnavailable:
+        kept = None
+    if kept != STORED:
         # The response already went out and is billed; a later repeat would run
-        # again, which is the best that can be done without the store.
+        # again, which is the best that can be done without the store (or for a
+        # result too large to keep, which the store already dropped).
         await release(claim)
 
 
@@ -218,7 +209,7 @@ async def release(claim: Claim) -> None:
     # If the store is unreachable, the pending claim expires by itself after
     # PENDING_TTL_SECONDS.
     with contextlib.suppress(redis_client.RedisUnavailable):
-        await _backend().delete(claim.storage_key)
+        await _backend().delete(claim.team_id, claim.storage_key)
 
 
 REPLAYED_HEADERS = (

@@ -503,6 +503,7 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
     refuse_media_downloads(principal, endpoint, body, table, chain)
     if idempotency_key:
         call.claim = await idempotency.claim(
+            principal.team_id,
             principal.key_id,
             idempotency_key,
             idempotency.fingerprint({"endpoint": endpoint.name, "body": body}),

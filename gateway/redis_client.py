@@ -1,4 +1,9 @@
-"""One asyncio Redis client per event loop, with timeouts on every call."""
+"""One asyncio Redis client per event loop and role, with timeouts on every call.
+
+Two roles: `client()` is the budget Redis (budgets, rate limits, reservations,
+idempotency keys: nothing there may be evicted), `cache_client()` the response
+cache's Redis (disposable, LRU). Both default to REDIS_URL.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ from redis.exceptions import RedisError
 
 T = TypeVar("T")
 
-# Keyed by the loop's id, holding the loop too: an id can be reused by a new loop
-# once an old one is gone, and a client must never outlive the loop it belongs to.
-_clients: dict[int, tuple[asyncio.AbstractEventLoop, aioredis.Redis]] = {}
+# Keyed by the loop's id and the URL, holding the loop too: an id can be reused by a
+# new loop once an old one is gone, and a client must never outlive its loop. Two
+# roles on the same URL share one client (and its pool).
+_clients: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, aioredis.Redis]] = {}
 
 
 class RedisUnavailable(Exception):
@@ -22,18 +28,28 @@ class RedisUnavailable(Exception):
 
 
 def client() -> aioredis.Redis:
+    """The budget Redis (GATEWAY_BUDGET_REDIS_URL)."""
+    return _for(settings.GATEWAY_BUDGET_REDIS_URL)
+
+
+def cache_client() -> aioredis.Redis:
+    """The response cache's Redis (GATEWAY_CACHE_REDIS_URL)."""
+    return _for(settings.GATEWAY_CACHE_REDIS_URL)
+
+
+def _for(url: str) -> aioredis.Redis:
     loop = asyncio.get_running_loop()
-    entry = _clients.get(id(loop))
+    entry = _clients.get((id(loop), url))
     if entry is None or entry[0] is not loop:
         timeout = settings.REDIS_TIMEOUT_SECONDS
         client = aioredis.Redis.from_url(
-            settings.REDIS_URL,
+            url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             max_connections=256,
         )
         entry = (loop, client)
-        _clients[id(loop)] = entry
+        _clients[(id(loop), url)] = entry
     return entry[1]
 
 

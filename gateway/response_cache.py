@@ -5,7 +5,9 @@ share an entry. On when the key (or its team) has a cache TTL, or per request wi
 `x-gateway-cache: on`; `Cache-Control: no-cache` skips the lookup (the fresh answer
 is still stored) and `no-store` skips the cache entirely. Entries live in Redis
 (in the process on the embedded default) and expire after their TTL. A stream is
-cached as the events the client received, and replayed as a stream.
+cached as the events the client received, and replayed as a stream. Each team's
+share is capped in entries and bytes (GATEWAY_CACHE_MAX_*_PER_TEAM): a team that
+fills it evicts its own oldest entries, never another team's.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +25,13 @@ from django.http import HttpRequest
 from billing.pricing import Usage
 from gateway import redis_client
 from gateway.auth import KeyPrincipal
+from gateway.capped_store import TOO_LARGE, Caps, LocalCappedStore, RedisCappedStore
 
 logger = logging.getLogger(__name__)
 
 # Fields that do not change the answer, left out of the cache key.
 _IGNORED = frozenset({"user", "metadata", "fallbacks", "models"})
 _ON = {"1", "true", "on", "yes"}
-_LOCAL_MAX = 5_000
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class CacheKey:
+    team_id: int
     storage: str
     ttl: int
     # False for `Cache-Control: no-cache`: skip the lookup, still store the answer.
@@ -70,7 +71,12 @@ def key_for(
     digest = hashlib.sha256(
         orjson.dumps([endpoint, model, normalised], option=orjson.OPT_SORT_KEYS)
     ).hexdigest()
-    return CacheKey(f"gw:cache:{principal.team_id}:{digest}", int(ttl), "no-cache" not in control)
+    return CacheKey(
+        principal.team_id,
+        f"gw:cache:{principal.team_id}:{digest}",
+        int(ttl),
+        "no-cache" not in control,
+    )
 
 
 def _encode(entry: Entry) -> bytes:
@@ -103,35 +109,41 @@ def _decode(raw: bytes) -> Entry:
     )
 
 
-_local: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+_store: LocalCappedStore | RedisCappedStore | None = None
+
+
+def _backend() -> LocalCappedStore | RedisCappedStore:
+    global _store
+    if _store is None:
+        _store = (
+            RedisCappedStore("gw:cache", redis_client.cache_client)
+            if settings.REDIS_URL
+            else LocalCappedStore()
+        )
+    return _store
 
 
 async def lookup(key: CacheKey) -> Entry | None:
     if not key.lookup:
         return None
     try:
-        if settings.REDIS_URL:
-            raw = await redis_client.guarded(redis_client.client().get(key.storage))
-        else:
-            found = _local.get(key.storage)
-            raw = found[0] if found and found[1] > time.monotonic() else None
+        raw = await _backend().get(key.team_id, key.storage)
     except redis_client.RedisUnavailable:
         logger.warning("response cache unavailable; serving without it")
         return None
     if not raw:
         return None
-    return _decode(raw.encode() if isinstance(raw, str) else raw)
+    return _decode(raw)
 
 
 async def store(key: CacheKey, entry: Entry) -> None:
-    raw = _encode(entry)
-    if not settings.REDIS_URL:
-        _local[key.storage] = (raw, time.monotonic() + key.ttl)
-        _local.move_to_end(key.storage)
-        while len(_local) > _LOCAL_MAX:
-            _local.popitem(last=False)
-        return
+    caps = Caps(
+        settings.GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM, settings.GATEWAY_CACHE_MAX_BYTES_PER_TEAM
+    )
     try:
-        await redis_client.guarded(redis_client.client().set(key.storage, raw, ex=key.ttl))
+        if await _backend().set(key.team_id, key.storage, _encode(entry), key.ttl, caps) == (
+            TOO_LARGE
+        ):
+            logger.info("answer larger than the team's cache cap; not cached")
     except redis_client.RedisUnavailable:
         logger.warning("response cache unavailable; answer not cached")

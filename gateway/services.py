@@ -60,7 +60,9 @@ def audit(
     obj: models.Model,
     before: dict[str, Any] | None,
     team_id: int | None = None,
+    after: dict[str, Any] | None = None,
 ) -> None:
+    """Record a change; `after` defaults to a snapshot of `obj` (none for a delete)."""
     AuditEntry.objects.create(
         actor=actor[:200],
         action=action,
@@ -68,7 +70,7 @@ def audit(
         object_id=str(obj.pk),
         team_id=team_id,
         before=before,
-        after=None if action == "delete" else snapshot(obj),
+        after=after if after is not None else None if action == "delete" else snapshot(obj),
     )
 
 

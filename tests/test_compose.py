@@ -14,6 +14,7 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -22,7 +23,7 @@ pytestmark: list[pytest.MarkDecorator] = []
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
-SERVICES = {"postgres", "redis", "mock", "web", "worker", "webhooks", "beat"}
+SERVICES = {"postgres", "redis", "redis-cache", "mock", "web", "worker", "webhooks", "beat"}
 PROJECT_SERVICES = {"mock", "web", "worker", "webhooks", "beat"}
 SHARED_ENV = {
     "DATABASE_URL",
@@ -31,6 +32,9 @@ SHARED_ENV = {
     "GATEWAY_ADMIN_TOKEN",
     "LITELLM_LOCAL_MODEL_COST_MAP",
     "GATEWAY_ENCRYPTION_KEY",
+    "GATEWAY_BUDGET_REDIS_URL",
+    "GATEWAY_CACHE_REDIS_URL",
+    "CELERY_BROKER_URL",
 }
 # `python -m X` where X is a server that loads an app of ours: check the app instead.
 ASGI_SERVERS = {"uvicorn", "granian"}
@@ -233,3 +237,31 @@ def test_it_runs_webhook_deliveries_on_workers_of_their_own() -> None:
     assert {n for n, q in consumed.items() if "celery" in q} == {"worker"}, consumed
     run_sh = (REPO / "scripts" / "run.sh").read_text()
     assert "-Q celery " in run_sh and "-Q webhooks " in run_sh
+
+
+def _redis_policy(service: str) -> str:
+    argv = services()[service]["command"]
+    assert argv[0] == "redis-server"
+    return str(argv[argv.index("--maxmemory-policy") + 1])
+
+
+def _redis_service_of(url: str) -> str:
+    host = urlsplit(url).hostname
+    assert host in services(), f"{url} points at no service of this file"
+    return str(host)
+
+
+def test_it_never_lets_the_cache_evict_budgets_or_the_broker() -> None:
+    env = load_compose()["x-gateway-env"]
+    budget = _redis_service_of(env["GATEWAY_BUDGET_REDIS_URL"])
+    broker = _redis_service_of(env["CELERY_BROKER_URL"])
+    cache = _redis_service_of(env["GATEWAY_CACHE_REDIS_URL"])
+    assert _redis_policy(budget) == "noeviction"
+    assert _redis_policy(broker) == "noeviction"
+    assert _redis_policy(cache) == "allkeys-lru"
+    assert cache not in {budget, broker}
+    # The broker's queues and the budgets share an instance but not a database.
+    assert env["CELERY_BROKER_URL"] != env["GATEWAY_BUDGET_REDIS_URL"]
+    # The LRU instance has a memory cap to evict within.
+    cache_argv = services()[cache]["command"]
+    assert cache_argv[cache_argv.index("--maxmemory") + 1]
