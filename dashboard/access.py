@@ -187,6 +187,11 @@ class Viewer:
         return Q(team_id__in=self.admin_team_ids) & ~drafts
 
 
+def user_is_team_admin(user_id: int, team_id: int) -> bool:
+    """Registered with gateway.files: a team admin's keys see all the team's files and batches."""
+    return Membership.objects.filter(user_id=user_id, team_id=team_id, role=TeamRole.ADMIN).exists()
+
+
 def load_viewer(user: AbstractBaseUser | AnonymousUser) -> Viewer:
     assert isinstance(user, User)
     roles = dict(Membership.objects.filter(user_id=user.id).values_list("team_id", "role"))

@@ -249,7 +249,7 @@ def batch_create(
     if completion_window not in WINDOWS:
         raise invalid_request("'completion_window' must be \"24h\".", param="completion_window")
     meta = _check_metadata(metadata)
-    source = files.file_get(team_id=principal.team_id, file_id=input_file_id)
+    source = files.file_get(principal=principal, file_id=input_file_id)
     if source.purpose != FilePurpose.BATCH:
         raise invalid_request(
             f"File {input_file_id} has purpose {source.purpose!r}; a batch's input file "
@@ -265,6 +265,7 @@ def batch_create(
             public_id="batch_" + secrets.token_hex(12),
             team_id=principal.team_id,
             key_id=principal.key_id,
+            owner_id=principal.owner_id,
             endpoint=endpoint,
             completion_window=completion_window,
             input_file=source,
@@ -302,10 +303,11 @@ def _enqueue(batch_id: int, countdown: float | None = None) -> None:
     batch_run.apply_async((batch_id,), countdown=countdown)
 
 
-def batch_get(*, team_id: int, batch_id: str) -> Batch:
+def batch_get(*, principal: KeyPrincipal, batch_id: str) -> Batch:
     batch = (
         Batch.objects.select_related("input_file", "output_file", "error_file")
-        .filter(public_id=batch_id, team_id=team_id)
+        .filter(files.visible_q(principal))
+        .filter(public_id=batch_id)
         .first()
     )
     if batch is None:
@@ -313,23 +315,27 @@ def batch_get(*, team_id: int, batch_id: str) -> Batch:
     return batch
 
 
-def batch_list(*, team_id: int, after: str | None, limit: int) -> tuple[list[Batch], bool]:
-    rows = Batch.objects.select_related("input_file", "output_file", "error_file").filter(
-        team_id=team_id
-    )
+def batch_list(
+    *, principal: KeyPrincipal, after: str | None, limit: int
+) -> tuple[list[Batch], bool]:
+    visible = Batch.objects.filter(files.visible_q(principal))
+    rows = visible.select_related("input_file", "output_file", "error_file")
     if after:
-        anchor = Batch.objects.filter(public_id=after, team_id=team_id).first()
+        anchor = visible.filter(public_id=after).first()
         if anchor is not None:
             rows = rows.filter(id__lt=anchor.id)
     page = list(rows.order_by("-id")[: limit + 1])
     return page[:limit], len(page) > limit
 
 
-def batch_cancel(*, team_id: int, batch_id: str) -> Batch:
+def batch_cancel(*, principal: KeyPrincipal, batch_id: str) -> Batch:
     now = timezone.now()
     with transaction.atomic():
         batch = (
-            Batch.objects.select_for_update().filter(public_id=batch_id, team_id=team_id).first()
+            Batch.objects.select_for_update()
+            .filter(files.visible_q(principal))
+            .filter(public_id=batch_id)
+            .first()
         )
         if batch is None:
             raise batch_not_found(batch_id)
@@ -350,7 +356,7 @@ def batch_cancel(*, team_id: int, batch_id: str) -> Batch:
                 "invalid_request_error",
                 "batch_not_cancellable",
             )
-    return batch_get(team_id=team_id, batch_id=batch_id)
+    return batch_get(principal=principal, batch_id=batch_id)
 
 
 # --- the OpenAI shapes ---------------------------------------------------------------------------
@@ -618,6 +624,7 @@ def _finalize(batch_id: int) -> str:
         files.file_write_result(
             team_id=batch.team_id,
             key_id=batch.key_id,
+            owner_id=batch.owner_id,
             seed=f"{batch.public_id}:output",
             filename=f"{batch.public_id}_output.jsonl",
             content=b"".join(output),
@@ -629,6 +636,7 @@ def _finalize(batch_id: int) -> str:
         files.file_write_result(
             team_id=batch.team_id,
             key_id=batch.key_id,
+            owner_id=batch.owner_id,
             seed=f"{batch.public_id}:error",
             filename=f"{batch.public_id}_error.jsonl",
             content=b"".join(errors),
