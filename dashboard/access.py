@@ -124,7 +124,20 @@ class Viewer:
         return role == TeamRole.ADMIN or (role == TeamRole.MEMBER and key.owner_id == self.user_id)
 
     def can_set_key_limits(self, key: VirtualKey) -> bool:
-        return self.can_set_key_limits_in(key.team_id)
+        # A member may change their own key's limits where the team has a key policy:
+        # the service holds every change within its caps (gateway.services).
+        if self.can_set_key_limits_in(key.team_id):
+            return True
+        role = self.team_roles.get(key.team_id)
+        return (
+            role == TeamRole.MEMBER
+            and key.owner_id == self.user_id
+            and key.team.has_member_key_policy
+        )
+
+    def bound_by_key_policy(self, team_id: int) -> bool:
+        """A plain member: their keys must stay within the team's member key policy."""
+        return not self.can_set_key_limits_in(team_id)
 
     # --- invoices --------------------------------------------------------------------------
 
@@ -185,6 +198,11 @@ class Viewer:
         # are only ever about its draft. Finalize and void are about what was issued.
         drafts = Q(object_type="invoice", action__in=("create", "update"))
         return Q(team_id__in=self.admin_team_ids) & ~drafts
+
+
+def user_is_team_admin(user_id: int, team_id: int) -> bool:
+    """Registered with gateway.files: a team admin's keys see all the team's files and batches."""
+    return Membership.objects.filter(user_id=user_id, team_id=team_id, role=TeamRole.ADMIN).exists()
 
 
 def load_viewer(user: AbstractBaseUser | AnonymousUser) -> Viewer:

@@ -243,6 +243,55 @@ class KeyEditForm(KeyLimitsMixin):
         return value
 
 
+class KeyPolicyForm(forms.Form):
+    """A team's caps on the keys its members issue (team admins and platform admins)."""
+
+    member_key_max_budget_usd = usd_field(
+        "Max budget per key (USD)",
+        "Per the team's budget period; members must set one. Empty: no cap.",
+    )
+    member_key_max_rpm = limit_field("Max requests per minute")
+    member_key_max_tpm = limit_field("Max tokens per minute")
+    member_key_allowed_models = forms.MultipleChoiceField(
+        required=False,
+        label="Models member keys may use",
+        help_text="Members must limit their keys to these. None selected: no cap.",
+    )
+    member_key_max_lifetime_days = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=36500,
+        label="Max key lifetime (days)",
+        help_text="Members' keys must expire within this many days. Empty: no cap.",
+    )
+
+    @classmethod
+    def initial_for(cls, team: Team) -> dict[str, Any]:
+        return {
+            "member_key_max_budget_usd": micro_to_usd(team.member_key_max_budget_micro_usd),
+            "member_key_max_rpm": team.member_key_max_rpm,
+            "member_key_max_tpm": team.member_key_max_tpm,
+            "member_key_allowed_models": list(team.member_key_allowed_models or []),
+            "member_key_max_lifetime_days": team.member_key_max_lifetime_days,
+        }
+
+    def setup(self, *, models: list[str]) -> None:
+        field = self.fields["member_key_allowed_models"]
+        assert isinstance(field, forms.MultipleChoiceField)
+        current = list(self.initial.get("member_key_allowed_models") or [])
+        field.choices = [(m, m) for m in sorted(set(models) | set(current))]
+
+    def to_fields(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {
+            "member_key_max_budget_micro_usd": money_to_micro(data["member_key_max_budget_usd"]),
+            "member_key_max_rpm": data["member_key_max_rpm"],
+            "member_key_max_tpm": data["member_key_max_tpm"],
+            "member_key_allowed_models": list(data["member_key_allowed_models"]),
+            "member_key_max_lifetime_days": data["member_key_max_lifetime_days"],
+        }
+
+
 GRACE_CHOICES = [
     ("0", "Immediately: the old secret stops working now"),
     ("3600", "After 1 hour"),

@@ -42,6 +42,7 @@ urlpatterns = [
     path("teams/new/", teams.team_create, name="team-create"),
     path("teams/<int:team_id>/", teams.team_detail, name="team"),
     path("teams/<int:team_id>/edit/", teams.team_edit, name="team-edit"),
+    path("teams/<int:team_id>/key-policy/", teams.team_key_policy, name="team-key-policy"),
     path("teams/<int:team_id>/members/add/", teams.member_add, name="member-add"),
     path(
         "teams/<int:team_id>/members/<int:membership_id>/role/",

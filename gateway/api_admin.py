@@ -124,6 +124,12 @@ def _team(team_id: int) -> Team:
 def _team_fields(fields: dict[str, Any]) -> dict[str, Any]:
     if "budget_usd" in fields:
         fields["budget_micro_usd"] = services.money_to_micro(fields.pop("budget_usd"))
+    if "member_key_max_budget_usd" in fields:
+        fields["member_key_max_budget_micro_usd"] = services.money_to_micro(
+            fields.pop("member_key_max_budget_usd")
+        )
+    if "member_key_allowed_models" in fields and fields["member_key_allowed_models"] is None:
+        fields["member_key_allowed_models"] = []  # null: no cap, as an empty list
     if "markup_percent" in fields and fields["markup_percent"] is None:
         fields.pop("markup_percent")
     for name in ("budget_period", "timezone", "alert_thresholds", "metadata", "name"):

@@ -1,8 +1,9 @@
 """OpenAI's Files and Batch APIs under /v1: what `client.files.*` and `client.batches.*` call.
 
 Thin: authenticate the virtual key, parse, call gateway.files / gateway.batches,
-shape the OpenAI object. Everything is scoped to the key's team: another team's
-file or batch is a 404, exactly like one that does not exist.
+shape the OpenAI object. Everything is scoped to what the key may see (its own, its
+owner's, or its team's if the owner is a team admin; gateway.files.visible_q): any
+other file or batch is a 404, exactly like one that does not exist.
 """
 
 from __future__ import annotations
@@ -92,8 +93,7 @@ async def file_create(request: HttpRequest) -> HttpResponse:
     purpose = request.POST.get("purpose") or ""
     row = await run_db_atomic(
         files.file_create,
-        team_id=principal.team_id,
-        key_id=principal.key_id,
+        principal=principal,
         purpose=purpose,
         upload=upload,
     )
@@ -108,7 +108,7 @@ async def file_list(request: HttpRequest) -> HttpResponse:
         raise invalid_request("'order' must be 'asc' or 'desc'.", param="order")
     rows, more = await run_db_atomic(
         files.file_list,
-        team_id=principal.team_id,
+        principal=principal,
         purpose=request.GET.get("purpose") or None,
         after=request.GET.get("after") or None,
         limit=_limit(request, 100, 10_000),
@@ -120,21 +120,21 @@ async def file_list(request: HttpRequest) -> HttpResponse:
 @router.get("/files/{file_id}", summary="Describe a file")
 async def file_get(request: HttpRequest, file_id: str) -> HttpResponse:
     principal = await authenticate(request)
-    row = await run_db_atomic(files.file_get, team_id=principal.team_id, file_id=file_id)
+    row = await run_db_atomic(files.file_get, principal=principal, file_id=file_id)
     return _json(files.file_out(row))
 
 
 @router.delete("/files/{file_id}", summary="Delete a file")
 async def file_delete(request: HttpRequest, file_id: str) -> HttpResponse:
     principal = await authenticate(request)
-    row = await run_db_atomic(files.file_delete, team_id=principal.team_id, file_id=file_id)
+    row = await run_db_atomic(files.file_delete, principal=principal, file_id=file_id)
     return _json({"id": row.public_id, "object": "file", "deleted": True})
 
 
 @router.get("/files/{file_id}/content", summary="Download a file's content")
 async def file_content(request: HttpRequest, file_id: str) -> HttpResponseBase:
     principal = await authenticate(request)
-    row = await run_db_atomic(files.file_get, team_id=principal.team_id, file_id=file_id)
+    row = await run_db_atomic(files.file_get, principal=principal, file_id=file_id)
     handle = await run_db_atomic(files.file_open, row)
     response = FileResponse(handle, content_type="application/octet-stream")
     response["content-disposition"] = f'attachment; filename="{row.filename}"'
@@ -158,9 +158,7 @@ async def batch_create(request: HttpRequest) -> HttpResponse:
         completion_window=body.get("completion_window"),
         metadata=body.get("metadata"),
     )
-    found = await run_db_atomic(
-        batches.batch_get, team_id=principal.team_id, batch_id=batch.public_id
-    )
+    found = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch.public_id)
     return _json(batches.batch_out(found))
 
 
@@ -169,7 +167,7 @@ async def batch_list(request: HttpRequest) -> HttpResponse:
     principal = await authenticate(request)
     rows, more = await run_db_atomic(
         batches.batch_list,
-        team_id=principal.team_id,
+        principal=principal,
         after=request.GET.get("after") or None,
         limit=_limit(request, 20, 100),
     )
@@ -179,12 +177,12 @@ async def batch_list(request: HttpRequest) -> HttpResponse:
 @router.get("/batches/{batch_id}", summary="Retrieve a batch")
 async def batch_get(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
-    batch = await run_db_atomic(batches.batch_get, team_id=principal.team_id, batch_id=batch_id)
+    batch = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch_id)
     return _json(batches.batch_out(batch))
 
 
 @router.post("/batches/{batch_id}/cancel", summary="Cancel a batch")
 async def batch_cancel(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
-    batch = await run_db_atomic(batches.batch_cancel, team_id=principal.team_id, batch_id=batch_id)
+    batch = await run_db_atomic(batches.batch_cancel, principal=principal, batch_id=batch_id)
     return _json(batches.batch_out(batch))

@@ -59,6 +59,8 @@ class KeyPrincipal:
     markup_percent: Decimal
     alert_thresholds: tuple[int, ...]
     cache_ttl_seconds: int | None
+    # The dashboard user the key belongs to (None for keys of the management API).
+    owner_id: int | None = None
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -102,6 +104,7 @@ def _load(secret_hash: str) -> KeyPrincipal | None:
         markup_percent=team.markup_percent,
         alert_thresholds=tuple(int(t) for t in team.alert_thresholds or ()),
         cache_ttl_seconds=key.cache_ttl_seconds or team.cache_ttl_seconds,
+        owner_id=key.owner_id,
     )
 
 

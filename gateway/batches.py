@@ -10,9 +10,12 @@ across all workers. Each line goes through the same flow as a live request
 (gateway.proxy: admission against budgets and rate limits, routing, retries and
 fallbacks, one ledger row per attempt, settling), with the team's markup reduced by
 GATEWAY_BATCH_DISCOUNT_PERCENT, and a ledger request id derived from (batch, custom_id).
-So a line that runs twice (its worker was killed after the provider answered) is
-billed once: the ledger's (request_id, attempt) is unique and writes skip repeats,
-and the second run skips admission when the ledger already has the line's rows.
+A line that runs again (its worker was killed mid-line) keeps its request id and
+numbers its attempts on from the rows the ledger already holds, so every provider
+call has its own row (the ledger's (request_id, attempt) is unique and a repeat
+would be dropped) and the rerun is admitted and settled like any request. If the
+first run was already answered and billed, the rerun's provider call is recorded at
+its list cost but charged nothing: the line is charged once.
 Results are stored on the line by compare-and-set on the claim, so exactly one run
 counts. When no line is left, the output and error files are written and the batch
 completes (or expires, or is cancelled).
@@ -39,12 +42,12 @@ from typing import Any, TypeVar
 import orjson
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, PositiveSmallIntegerField, Q, When
+from django.db.models import Case, Count, F, Max, PositiveSmallIntegerField, Q, When
 from django.http import HttpResponse
 from django.utils import timezone
 
 from billing import admission
-from billing.models import LedgerEntry
+from billing.models import LedgerEntry, LedgerStatus
 from gateway import dialects, files, proxy, validation
 from gateway.auth import KeyPrincipal, _load
 from gateway.db import run_db_atomic
@@ -246,7 +249,7 @@ def batch_create(
     if completion_window not in WINDOWS:
         raise invalid_request("'completion_window' must be \"24h\".", param="completion_window")
     meta = _check_metadata(metadata)
-    source = files.file_get(team_id=principal.team_id, file_id=input_file_id)
+    source = files.file_get(principal=principal, file_id=input_file_id)
     if source.purpose != FilePurpose.BATCH:
         raise invalid_request(
             f"File {input_file_id} has purpose {source.purpose!r}; a batch's input file "
@@ -262,6 +265,7 @@ def batch_create(
             public_id="batch_" + secrets.token_hex(12),
             team_id=principal.team_id,
             key_id=principal.key_id,
+            owner_id=principal.owner_id,
             endpoint=endpoint,
             completion_window=completion_window,
             input_file=source,
@@ -299,10 +303,11 @@ def _enqueue(batch_id: int, countdown: float | None = None) -> None:
     batch_run.apply_async((batch_id,), countdown=countdown)
 
 
-def batch_get(*, team_id: int, batch_id: str) -> Batch:
+def batch_get(*, principal: KeyPrincipal, batch_id: str) -> Batch:
     batch = (
         Batch.objects.select_related("input_file", "output_file", "error_file")
-        .filter(public_id=batch_id, team_id=team_id)
+        .filter(files.visible_q(principal))
+        .filter(public_id=batch_id)
         .first()
     )
     if batch is None:
@@ -310,23 +315,27 @@ def batch_get(*, team_id: int, batch_id: str) -> Batch:
     return batch
 
 
-def batch_list(*, team_id: int, after: str | None, limit: int) -> tuple[list[Batch], bool]:
-    rows = Batch.objects.select_related("input_file", "output_file", "error_file").filter(
-        team_id=team_id
-    )
+def batch_list(
+    *, principal: KeyPrincipal, after: str | None, limit: int
+) -> tuple[list[Batch], bool]:
+    visible = Batch.objects.filter(files.visible_q(principal))
+    rows = visible.select_related("input_file", "output_file", "error_file")
     if after:
-        anchor = Batch.objects.filter(public_id=after, team_id=team_id).first()
+        anchor = visible.filter(public_id=after).first()
         if anchor is not None:
             rows = rows.filter(id__lt=anchor.id)
     page = list(rows.order_by("-id")[: limit + 1])
     return page[:limit], len(page) > limit
 
 
-def batch_cancel(*, team_id: int, batch_id: str) -> Batch:
+def batch_cancel(*, principal: KeyPrincipal, batch_id: str) -> Batch:
     now = timezone.now()
     with transaction.atomic():
         batch = (
-            Batch.objects.select_for_update().filter(public_id=batch_id, team_id=team_id).first()
+            Batch.objects.select_for_update()
+            .filter(files.visible_q(principal))
+            .filter(public_id=batch_id)
+            .first()
         )
         if batch is None:
             raise batch_not_found(batch_id)
@@ -347,7 +356,7 @@ def batch_cancel(*, team_id: int, batch_id: str) -> Batch:
                 "invalid_request_error",
                 "batch_not_cancellable",
             )
-    return batch_get(team_id=team_id, batch_id=batch_id)
+    return batch_get(principal=principal, batch_id=batch_id)
 
 
 # --- the OpenAI shapes ---------------------------------------------------------------------------
@@ -531,8 +540,12 @@ def _store(batch_id: int, line_id: int, token: str, outcome: Outcome) -> bool:
     return bool(stored)
 
 
-def _ledger_has(request_id: str) -> bool:
-    return LedgerEntry.objects.filter(request_id=request_id).exists()
+def _ledger_so_far(request_id: str) -> tuple[int, bool]:
+    """The line's last attempt number in the ledger, and whether one was answered."""
+    found = LedgerEntry.objects.filter(request_id=request_id).aggregate(
+        last=Max("attempt"), answered=Count("id", filter=Q(status=LedgerStatus.SUCCESS))
+    )
+    return found["last"] or 0, bool(found["answered"])
 
 
 def _principal(key_id: int) -> KeyPrincipal | None:
@@ -611,6 +624,7 @@ def _finalize(batch_id: int) -> str:
         files.file_write_result(
             team_id=batch.team_id,
             key_id=batch.key_id,
+            owner_id=batch.owner_id,
             seed=f"{batch.public_id}:output",
             filename=f"{batch.public_id}_output.jsonl",
             content=b"".join(output),
@@ -622,6 +636,7 @@ def _finalize(batch_id: int) -> str:
         files.file_write_result(
             team_id=batch.team_id,
             key_id=batch.key_id,
+            owner_id=batch.owner_id,
             seed=f"{batch.public_id}:error",
             filename=f"{batch.public_id}_error.jsonl",
             content=b"".join(errors),
@@ -697,7 +712,11 @@ async def run_line(
         assert refusal is not None
         return Outcome(refusal.status, refusal.openai_body())
     try:
-        already_billed = await run_db_atomic(_ledger_has, request_id)
+        last_attempt, answered = await run_db_atomic(_ledger_so_far, request_id)
+        if answered:
+            # A rerun after a crash that lost an answer already billed: the provider
+            # is paid again (the row keeps its list cost) but the line is charged once.
+            principal = dataclasses.replace(principal, markup_percent=Decimal(-100))
         parsed = endpoint.validate(body)
         if parsed.stream:
             raise invalid_request("Streaming is not supported in a batch.", param="stream")
@@ -715,13 +734,15 @@ async def run_line(
             tags=validation.tags_from(None, body.get("metadata")),
         )
         call.is_batch = True
+        # Attempts continue the first run's numbering: a repeated number would collide
+        # with that run's row and be dropped from the ledger.
+        call.attempts = last_attempt
         table = await routing_tables.get()
         chain = proxy.plan(principal, table, call.model, parsed.fallbacks)
         proxy.refuse_media_downloads(principal, endpoint, body, table, chain)
         call.prompt_tokens = endpoint.count_prompt(table.group(call.model)[0].provider_model, body)
-        if already_billed:
-            # A rerun after a crash: the first run was admitted and its spend settled
-            # (or released when its reservation expired); the ledger keeps the rows.
+        if answered:
+            # Charged nothing (above), so there is nothing to reserve or settle.
             ticket = admission.Ticket(
                 reservation_id=admission.NO_TICKET_NEEDED, amount=0, budgets=[], settled=True
             )

@@ -2,28 +2,62 @@
 
 The bytes live on the `gateway_files` storage backend (settings.STORAGES; the local
 filesystem under var/files by default, any Django storage such as S3 works); rows
-say whose they are. A file is visible only to keys of the team that owns it:
-another team gets the same 404 as for a file that does not exist.
+say whose they are. A file belongs to the key that uploaded it (or, for a batch's
+results, the key that created the batch) and to that key's owner user: it is
+visible to that key, to the owner's other keys, and to keys owned by an admin of
+the team. Anyone else, in the team or not, gets the same 404 as for a file that
+does not exist. Batches follow the same rule (`visible_q`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.core.files.uploadedfile import UploadedFile
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from gateway.errors import GatewayError, invalid_request
 from gateway.models import FilePurpose, StoredFile
 
+if TYPE_CHECKING:
+    from gateway.auth import KeyPrincipal
+
 UPLOAD_PURPOSES = (FilePurpose.BATCH,)
+
+# Team roles belong to the dashboard, a layer above; it registers how to ask at start-up
+# (dashboard.apps). Until then nobody is a team admin, which only ever hides rows.
+TeamAdminCheck = Callable[[int, int], bool]  # (user id, team id) -> is a team admin
+
+
+def _no_team_admins(user_id: int, team_id: int) -> bool:
+    return False
+
+
+_team_admin_check: TeamAdminCheck = _no_team_admins
+
+
+def register_team_admin_check(check: TeamAdminCheck) -> None:
+    global _team_admin_check
+    _team_admin_check = check
+
+
+def visible_q(principal: KeyPrincipal) -> Q:
+    """The files and batches a key may see, as a filter on StoredFile or Batch."""
+    team = Q(team_id=principal.team_id)
+    if principal.owner_id is not None and _team_admin_check(principal.owner_id, principal.team_id):
+        return team
+    mine = Q(key_id=principal.key_id)
+    if principal.owner_id is not None:
+        mine |= Q(owner_id=principal.owner_id)
+    return team & mine
 
 
 def storage() -> Storage:
@@ -52,9 +86,7 @@ def _storage_name(team_id: int, public_id: str) -> str:
     return f"team-{team_id}/{public_id}.jsonl"
 
 
-def file_create(
-    *, team_id: int, key_id: int | None, purpose: str, upload: UploadedFile
-) -> StoredFile:
+def file_create(*, principal: KeyPrincipal, purpose: str, upload: UploadedFile) -> StoredFile:
     if purpose not in UPLOAD_PURPOSES:
         raise invalid_request(
             f"Invalid purpose {purpose!r}: this gateway accepts files with purpose 'batch'.",
@@ -66,11 +98,12 @@ def file_create(
     if size == 0:
         raise invalid_request("The file is empty.", param="file")
     public_id = "file-" + secrets.token_hex(12)
-    name = storage().save(_storage_name(team_id, public_id), upload)
+    name = storage().save(_storage_name(principal.team_id, public_id), upload)
     return StoredFile.objects.create(
         public_id=public_id,
-        team_id=team_id,
-        key_id=key_id,
+        team_id=principal.team_id,
+        key_id=principal.key_id,
+        owner_id=principal.owner_id,
         purpose=purpose,
         filename=(upload.name or "upload.jsonl").rsplit("/", 1)[-1][:255],
         bytes=size,
@@ -79,7 +112,13 @@ def file_create(
 
 
 def file_write_result(
-    *, team_id: int, key_id: int | None, seed: str, filename: str, content: bytes
+    *,
+    team_id: int,
+    key_id: int | None,
+    owner_id: int | None,
+    seed: str,
+    filename: str,
+    content: bytes,
 ) -> StoredFile:
     """A batch's output or error file. Idempotent per `seed`: rewriting replaces it."""
     public_id = "file-" + hashlib.sha256(seed.encode()).hexdigest()[:24]
@@ -93,6 +132,7 @@ def file_write_result(
         defaults={
             "team_id": team_id,
             "key_id": key_id,
+            "owner_id": owner_id,
             "purpose": FilePurpose.BATCH_OUTPUT,
             "filename": filename,
             "bytes": len(content),
@@ -102,10 +142,12 @@ def file_write_result(
     return row
 
 
-def file_get(*, team_id: int, file_id: str) -> StoredFile:
-    row = StoredFile.objects.filter(
-        public_id=file_id, team_id=team_id, deleted_at__isnull=True
-    ).first()
+def file_get(*, principal: KeyPrincipal, file_id: str) -> StoredFile:
+    row = (
+        StoredFile.objects.filter(visible_q(principal))
+        .filter(public_id=file_id, deleted_at__isnull=True)
+        .first()
+    )
     if row is None:
         raise file_not_found(file_id)
     return row
@@ -122,17 +164,18 @@ def file_read(row: StoredFile) -> bytes:
 
 def file_list(
     *,
-    team_id: int,
+    principal: KeyPrincipal,
     purpose: str | None = None,
     after: str | None = None,
     limit: int = 100,
     newest_first: bool = True,
 ) -> tuple[list[StoredFile], bool]:
-    rows: QuerySet[StoredFile] = StoredFile.objects.filter(team_id=team_id, deleted_at__isnull=True)
+    visible: QuerySet[StoredFile] = StoredFile.objects.filter(visible_q(principal))
+    rows = visible.filter(deleted_at__isnull=True)
     if purpose:
         rows = rows.filter(purpose=purpose)
     if after:
-        anchor = StoredFile.objects.filter(public_id=after, team_id=team_id).first()
+        anchor = visible.filter(public_id=after).first()
         if anchor is not None:
             rows = rows.filter(id__lt=anchor.id) if newest_first else rows.filter(id__gt=anchor.id)
     rows = rows.order_by("-id" if newest_first else "id")
@@ -140,8 +183,8 @@ def file_list(
     return page[:limit], len(page) > limit
 
 
-def file_delete(*, team_id: int, file_id: str) -> StoredFile:
-    row = file_get(team_id=team_id, file_id=file_id)
+def file_delete(*, principal: KeyPrincipal, file_id: str) -> StoredFile:
+    row = file_get(principal=principal, file_id=file_id)
     row.deleted_at = timezone.now()
     row.save(update_fields=["deleted_at"])
     backend = storage()

@@ -41,6 +41,16 @@ class Team(models.Model):
     # Response cache for all the team's keys: entries live this long; null is off.
     cache_ttl_seconds = models.PositiveIntegerField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
+    # The team's policy for keys its members (not its admins) issue or change; each
+    # null or empty is no cap. Enforced by gateway.services, whatever the edge.
+    # A member key's budget, in micro-USD per the team's budget period (or longer).
+    member_key_max_budget_micro_usd = models.BigIntegerField(null=True, blank=True)
+    member_key_max_rpm = models.PositiveIntegerField(null=True, blank=True)
+    member_key_max_tpm = models.PositiveBigIntegerField(null=True, blank=True)
+    # Public model names a member key may be limited to; empty: any model.
+    member_key_allowed_models = models.JSONField(default=list, blank=True)
+    # Days from a member key's creation to its expiry, at most.
+    member_key_max_lifetime_days = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -49,6 +59,18 @@ class Team(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def has_member_key_policy(self) -> bool:
+        return any(
+            (
+                self.member_key_max_budget_micro_usd is not None,
+                self.member_key_max_rpm is not None,
+                self.member_key_max_tpm is not None,
+                bool(self.member_key_allowed_models),
+                self.member_key_max_lifetime_days is not None,
+            )
+        )
 
 
 class VirtualKey(models.Model):
@@ -290,6 +312,8 @@ class StoredFile(models.Model):
     public_id = models.CharField(max_length=40, unique=True)  # "file-…"
     team_id = models.BigIntegerField()
     key_id = models.BigIntegerField(null=True, blank=True)
+    # The dashboard user owning that key when the file was made: their other keys see it.
+    owner_id = models.BigIntegerField(null=True, blank=True)
     purpose = models.CharField(max_length=32, choices=FilePurpose.choices)
     filename = models.CharField(max_length=255)
     bytes = models.BigIntegerField()
@@ -320,6 +344,8 @@ class Batch(models.Model):
     public_id = models.CharField(max_length=40, unique=True)  # "batch_…"
     team_id = models.BigIntegerField()
     key_id = models.BigIntegerField()
+    # The dashboard user owning that key when the batch was created (see StoredFile).
+    owner_id = models.BigIntegerField(null=True, blank=True)
     endpoint = models.CharField(max_length=64)  # "/v1/chat/completions"
     completion_window = models.CharField(max_length=8, default="24h")
     input_file = models.ForeignKey(StoredFile, on_delete=models.PROTECT, related_name="+")

@@ -188,11 +188,22 @@ class TeamPatch(Schema):
     tpm_limit: int | None = Field(None, ge=1)
     cache_ttl_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
     metadata: dict[str, Any] | None = None
+    # The member key policy: caps on the keys the team's members issue (null: no cap).
+    member_key_max_budget_usd: Money | None = None
+    member_key_max_rpm: int | None = Field(None, ge=1)
+    member_key_max_tpm: int | None = Field(None, ge=1)
+    member_key_allowed_models: list[str] | None = None
+    member_key_max_lifetime_days: int | None = Field(None, ge=1, le=36500)
 
     @field_validator("budget_usd")
     @classmethod
     def _budget(cls, value: Decimal | None) -> Decimal | None:
         return _non_negative(value, "budget_usd")
+
+    @field_validator("member_key_max_budget_usd")
+    @classmethod
+    def _member_budget(cls, value: Decimal | None) -> Decimal | None:
+        return _non_negative(value, "member_key_max_budget_usd")
 
     @field_validator("timezone")
     @classmethod
@@ -234,6 +245,11 @@ class TeamOut(Schema):
     tpm_limit: int | None
     cache_ttl_seconds: int | None
     metadata: dict[str, Any]
+    member_key_max_budget_usd: str | None
+    member_key_max_rpm: int | None
+    member_key_max_tpm: int | None
+    member_key_allowed_models: list[str]
+    member_key_max_lifetime_days: int | None
     created_at: datetime
 
     @staticmethod
@@ -252,6 +268,11 @@ class TeamOut(Schema):
             tpm_limit=team.tpm_limit,
             cache_ttl_seconds=team.cache_ttl_seconds,
             metadata=team.metadata,
+            member_key_max_budget_usd=_money_out(team.member_key_max_budget_micro_usd),
+            member_key_max_rpm=team.member_key_max_rpm,
+            member_key_max_tpm=team.member_key_max_tpm,
+            member_key_allowed_models=list(team.member_key_allowed_models or []),
+            member_key_max_lifetime_days=team.member_key_max_lifetime_days,
             created_at=team.created_at,
         )
 

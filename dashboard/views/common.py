@@ -73,7 +73,8 @@ def form_error(form: forms.Form, exc: Exception) -> None:
                 form.add_error(target, error.messages)
         return
     if isinstance(exc, GatewayError):
-        param = exc.param if exc.param in form.fields else None
+        wanted = _FORM_FIELDS.get(exc.param or "", exc.param or "")
+        param = wanted if wanted in form.fields else None
         form.add_error(param, exc.message)
         return
     if isinstance(exc, DashboardError):

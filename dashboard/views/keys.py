@@ -79,13 +79,17 @@ def key_issue(request: DashboardRequest) -> HttpResponse:
     form = KeyIssueForm(posted(request), initial={"team": initial_team})
     team_field = form.fields["team"]
     team_field.queryset = Team.objects.filter(id__in=[t.id for t in teams])  # type: ignore[attr-defined]
-    # Limits are for team admins; a member's key lives within the team's limits.
-    can_set_limits = any(viewer.can_set_key_limits_in(t.id) for t in teams)
+    # Limits are for team admins; a member's key lives within the team's limits, and
+    # where the team has a member key policy the member sets them within its caps.
+    can_set_limits = any(
+        viewer.can_set_key_limits_in(t.id) or t.has_member_key_policy for t in teams
+    )
     form.setup(models=selectors.model_names(), can_set_limits=can_set_limits)
     if request.method == "POST" and form.is_valid():
         team = form.cleaned_data["team"]
         fields = form.limit_fields()
-        if not viewer.can_set_key_limits_in(team.id):
+        bound = viewer.bound_by_key_policy(team.id)
+        if bound and not team.has_member_key_policy:
             fields = {"expires_at": fields.get("expires_at")}
         try:
             issued = gateway_services.key_create(
@@ -93,6 +97,7 @@ def key_issue(request: DashboardRequest) -> HttpResponse:
                 name=form.cleaned_data["name"],
                 owner=request.user,
                 actor=request.user.username,
+                as_member=bound,
                 **fields,
             )
         except (GatewayError, ValidationError) as exc:
@@ -166,7 +171,12 @@ def key_edit(request: DashboardRequest, key_id: int) -> HttpResponse:
     form.setup(models=selectors.model_names(), can_set_limits=True)
     if request.method == "POST" and form.is_valid():
         fields = {"name": form.cleaned_data["name"], **form.limit_fields()}
-        update = partial(gateway_services.key_update, key=key, actor=request.user.username)
+        update = partial(
+            gateway_services.key_update,
+            key=key,
+            actor=request.user.username,
+            as_member=request.viewer.bound_by_key_policy(key.team_id),
+        )
         if save_changes(request, form, key, fields, update, saved="Key settings saved."):
             return redirect("dashboard:key", key_id=key.id)
     return page(
@@ -197,7 +207,10 @@ def key_rotate(request: DashboardRequest, key_id: int) -> HttpResponse:
         return redirect("dashboard:key", key_id=key.id)
     try:
         issued = gateway_services.key_rotate(
-            key=key, grace_seconds=form.cleaned_data["grace_seconds"], actor=request.user.username
+            key=key,
+            grace_seconds=form.cleaned_data["grace_seconds"],
+            actor=request.user.username,
+            as_member=request.viewer.bound_by_key_policy(key.team_id),
         )
     except GatewayError as exc:
         messages.error(request, exc.message)

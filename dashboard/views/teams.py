@@ -20,7 +20,13 @@ from dashboard.access import (
     get_team_for_members,
     require,
 )
-from dashboard.forms import AlertRecipientsForm, MemberAddForm, MemberRoleForm, TeamForm
+from dashboard.forms import (
+    AlertRecipientsForm,
+    KeyPolicyForm,
+    MemberAddForm,
+    MemberRoleForm,
+    TeamForm,
+)
 from dashboard.models import Membership
 from dashboard.views.common import form_error, page, posted, save_changes
 from gateway import services as gateway_services
@@ -122,6 +128,28 @@ def team_edit(request: DashboardRequest, team_id: int) -> HttpResponse:
     return page(
         request,
         "dashboard/teams/form.html",
+        {"form": form, "team": team},
+        section="teams",
+        status=400 if form.is_bound else 200,
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@dashboard_view
+def team_key_policy(request: DashboardRequest, team_id: int) -> HttpResponse:
+    """The caps on members' keys: set by the team's admins (and platform admins)."""
+    team = get_team_for_members(request.viewer, team_id)
+    form = KeyPolicyForm(posted(request), initial=KeyPolicyForm.initial_for(team))
+    form.setup(models=selectors.model_names())
+    if request.method == "POST" and form.is_valid():
+        update = partial(gateway_services.team_update, team=team, actor=request.user.username)
+        if save_changes(
+            request, form, team, form.to_fields(), update, saved="Member key policy saved."
+        ):
+            return redirect("dashboard:team", team_id=team.id)
+    return page(
+        request,
+        "dashboard/teams/key_policy.html",
         {"form": form, "team": team},
         section="teams",
         status=400 if form.is_bound else 200,
