@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -104,4 +107,125 @@ def test_it_keeps_serving_small_requests_while_an_8mb_prompt_is_counted(
     assert worst < 0.3 * elapsed, (
         f"a small request waited {worst:.3f}s while the 8 MB request took {elapsed:.3f}s "
         f"(latencies: {sorted(latencies)[-5:]})"
+    )
+
+
+# --- per-stream memory --------------------------------------------------------------------------
+
+LONG_CHUNKS = 40_000
+LONG_TOKENS = 80_000
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _ledger_row(request_id: str) -> Any:
+    from billing.models import LedgerEntry
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = LedgerEntry.objects.filter(request_id=request_id).first()
+        if row is not None:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
+def _count_streamed_text(model: str, raw: bytes) -> int:
+    """What the whole generated text counts to, in one go (the gateway counts it in folds)."""
+    import litellm
+
+    parts: list[str] = []
+    for line in raw.split(b"\n"):
+        line = line.strip()
+        if line.startswith(b"data: {"):
+            for choice in orjson.loads(line[6:]).get("choices") or []:
+                parts.append((choice.get("delta") or {}).get("content") or "")
+    return int(litellm.token_counter(model=model, text="".join(parts)))
+
+
+def _open_stream(gateway: LiveGateway, secret: str, model: str) -> tuple[socket.socket, bytes]:
+    parts = urlsplit(gateway.url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+    body = orjson.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "go on"}], "stream": True}
+    )
+    sock.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {parts.hostname}\r\n"
+        f"authorization: Bearer {secret}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1024)
+    return sock, head
+
+
+@pytest.mark.parametrize("usage", ["reported", "not reported"])
+def test_it_does_not_buffer_a_long_stream_for_a_slow_client(
+    private_gateway: Any, make_model: Any, make_key: Any, usage: str
+) -> None:
+    """Without usage from the provider the gateway counts the text itself, folding it as
+    it goes instead of keeping every event: the count must still cover all of it."""
+    gateway = private_gateway()
+    controls = f";chunks={LONG_CHUNKS};output_tokens={LONG_TOKENS}"
+    if usage == "not reported":
+        controls += ";no_usage=1"
+    provider_model = f"openai/long-{time.time_ns()}{controls}"
+    model = make_model(provider_model=provider_model)
+    short = make_model()
+    secret = make_key().secret
+    # Warm the stream path, so its first-use cost is in the baseline.
+    sock, warm = _open_stream(gateway, secret, short.name)
+    while not warm.endswith(b"0\r\n\r\n"):
+        data = sock.recv(65536)
+        if not data:
+            break
+        warm += data
+    sock.close()
+    time.sleep(0.5)
+    baseline = _rss_kib(gateway.process.pid)
+
+    sock, head = _open_stream(gateway, secret, model.name)
+    assert head.startswith(b"HTTP/1.1 200"), head[:300]
+    request_id = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+    # The client stalls while the provider streams as fast as it can.
+    peak = baseline
+    for _ in range(40):
+        time.sleep(0.15)
+        peak = max(peak, _rss_kib(gateway.process.pid))
+    grown_mib = (peak - baseline) / 1024
+    # Then it reads everything: the stream is whole and billed in full.
+    received = bytearray()
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        received += data
+        if received.endswith(b"0\r\n\r\n"):
+            break
+    sock.close()
+    assert b"data: [DONE]" in received, bytes(received[-300:])
+    row = _ledger_row(request_id)
+    assert row.status == "success"
+    if usage == "reported":
+        assert row.completion_tokens == LONG_TOKENS
+    else:
+        expected = _count_streamed_text(provider_model, bytes(received))
+        assert abs(row.completion_tokens - expected) <= expected // 100, (
+            row.completion_tokens,
+            expected,
+        )
+    assert grown_mib < 8, (
+        f"the gateway grew by {grown_mib:.1f} MiB while its client paused a "
+        f"{len(received) >> 20} MiB stream"
     )
