@@ -255,8 +255,13 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
-# Request bodies are read by our views, which enforce GATEWAY_MAX_BODY_BYTES with a 413.
-DATA_UPLOAD_MAX_MEMORY_SIZE = None
+# Bodies of the full-stack routes (dashboard forms, /login/, /api/admin): config/asgi.py
+# refuses a bigger one with 413 while reading it, before routing or authentication.
+# The default equals FILE_UPLOAD_MAX_MEMORY_SIZE, so such a body never spools to disk.
+GATEWAY_SITE_MAX_BODY_BYTES = env_int("GATEWAY_SITE_MAX_BODY_BYTES", 2_621_440, minimum=1024)
+# Django's own check, the same limit, for anything that reaches a full-stack view.
+# Data-plane requests (config.asgi.DataPlaneRequest) have their own, larger limits.
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_SITE_MAX_BODY_BYTES
 
 LOGGING = {
     "version": 1,

@@ -61,6 +61,16 @@ logger = logging.getLogger(__name__)
 # Streams whose client left keep being read for this long, so that what the
 # provider generated (and will bill us for) is known and billed.
 STREAM_DRAIN_SECONDS = 60.0
+# Per-stream memory: at most this many events wait for a slow client; past that the
+# pump waits too, which slows the provider down (TCP backpressure) instead of
+# buffering the whole stream here.
+STREAM_QUEUE_EVENTS = 64
+# A client that takes nothing for this long (or whose response never started) is
+# treated as gone: the pump stops waiting for it and drains and bills the stream.
+STREAM_CLIENT_STALL_SECONDS = 60.0
+# Raw events are kept only to count the generated text if the provider never reports
+# usage; past this many bytes they are folded into a running token count.
+STREAM_FOLD_BYTES = 256 * 1024
 MAX_BACKOFF_SECONDS = 8.0
 
 # Tasks that outlive their request (stream pumps); kept so they are not collected.
@@ -478,6 +488,18 @@ def _backoff(retry: int, exc: upstream.UpstreamError, base: float, cap: float) -
 
 # --- the flow ------------------------------------------------------------------------------------
 
+# Counting tokens costs roughly 0.1 µs of CPU per prompt byte: an 8 MB prompt holds
+# the event loop for about a second, stalling every other request of the worker.
+# Above this size the count runs in a thread (tiktoken releases the GIL while it
+# encodes); below it, inline, since a thread hop would cost more than the count.
+INLINE_COUNT_MAX_BYTES = 64 * 1024
+
+
+async def count_prompt(endpoint: Endpoint, model: str, body: dict[str, Any], size: int) -> int:
+    if size <= INLINE_COUNT_MAX_BYTES:
+        return endpoint.count_prompt(model, body)
+    return await asyncio.to_thread(endpoint.count_prompt, model, body)
+
 
 async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
     started_mono = time.monotonic()
@@ -517,7 +539,9 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
             hit = await response_cache.lookup(call.cache_key)
             if hit is not None:
                 return await _serve_hit(call, table, hit)
-        call.prompt_tokens = endpoint.count_prompt(table.group(call.model)[0].provider_model, body)
+        call.prompt_tokens = await count_prompt(
+            endpoint, table.group(call.model)[0].provider_model, body, len(request.body)
+        )
         ticket = await admit_call(call, table, chain)
     except BaseException:
         if call.claim is not None:
@@ -840,9 +864,11 @@ async def _stream(
 class StreamRelay:
     """Moves SSE events from the provider to the client, and bills the stream.
 
-    The pump (provider side) and the client side are decoupled by a queue: if the
-    client hangs up, the pump keeps reading (up to STREAM_DRAIN_SECONDS) so the
-    provider's own usage count is what gets billed, then writes the ledger row.
+    The pump (provider side) and the client side are decoupled by a bounded queue:
+    while the client reads slowly the pump waits (backpressure to the provider); if
+    the client hangs up, the pump stops waiting and keeps reading (up to
+    STREAM_DRAIN_SECONDS) so the provider's own usage count is what gets billed,
+    then writes the ledger row.
     """
 
     def __init__(
@@ -864,21 +890,41 @@ class StreamRelay:
         self.handle = handle
         self.began = began
         self.tracker = tracker
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(STREAM_QUEUE_EVENTS)
         # Everything sent to the client, kept for an idempotent replay or the cache.
         self.sent: list[bytes] = []
         self.headers: dict[str, str] = {}
         self.client_gone = False
         self.delivered = False
         self._drain_deadline: asyncio.Timeout | None = None
+        # Events received from the provider, and tokens of the text already folded
+        # out of the kept events (see STREAM_FOLD_BYTES).
+        self._received = 0
+        self._folded_tokens = 0
 
-    def _send(self, event: bytes) -> None:
-        self.queue.put_nowait(event)
+    async def _send(self, event: bytes) -> None:
         if self.call.claim is not None or self.call.cache_key is not None:
             self.sent.append(event)
+        await self._put(event)
+
+    async def _put(self, item: bytes | None) -> None:
+        if self.client_gone:
+            return  # nobody reads the queue any more
+        try:
+            async with asyncio.timeout(STREAM_CLIENT_STALL_SECONDS):
+                await self.queue.put(item)
+        except TimeoutError:
+            self._client_left()
+            # Should the client read again, its response ends (without the end
+            # marker, so it cannot pass for a complete answer).
+            self.queue.put_nowait(None)
 
     def _client_left(self) -> None:
         self.client_gone = True
+        # Nobody will read what is queued: drop it, which also frees a pump that
+        # waits for room in the queue.
+        while not self.queue.empty():
+            self.queue.get_nowait()
         # Only while the pump still reads (a finished Timeout cannot be rescheduled).
         if self._drain_deadline is not None:
             self._drain_deadline.reschedule(
@@ -899,6 +945,7 @@ class StreamRelay:
 
     async def pump(self) -> None:
         events: list[bytes] = []
+        kept_bytes = 0
         failure: upstream.UpstreamError | None = None
         first_byte: datetime | None = None
         ttft_ms: int | None = None
@@ -911,10 +958,20 @@ class StreamRelay:
                     if ttft_ms is None:
                         first_byte = datetime.now()
                         ttft_ms = int((time.monotonic() - self.call.started_mono) * 1000)
+                    self._received += 1
                     events.append(event)
+                    kept_bytes += len(event)
+                    if kept_bytes > STREAM_FOLD_BYTES:
+                        # Once the provider reported usage the text is not needed.
+                        if self.tracker.usage is None:
+                            self._folded_tokens += count_text(
+                                self.deployment.provider_model, stream_text(events)
+                            )
+                        events.clear()
+                        kept_bytes = 0
                     forward = self.tracker.feed(event)
                     if forward is not None and not self.client_gone:
-                        self._send(forward)
+                        await self._send(forward)
             if self.tracker.provider_error is not None:
                 failure = upstream.UpstreamError(
                     502, upstream.sanitise(self.tracker.provider_error), partial=True
@@ -951,15 +1008,16 @@ class StreamRelay:
         call, deployment, tracker = self.call, self.deployment, self.tracker
         usage = tracker.usage
         estimated = usage is None
-        if usage is None and events:
+        if usage is None and self._received:
             usage = Usage(
                 prompt_tokens=call.prompt_tokens,
-                completion_tokens=count_text(deployment.provider_model, stream_text(events)),
+                completion_tokens=self._folded_tokens
+                + count_text(deployment.provider_model, stream_text(events)),
             )
         if self.client_gone:
             status = LedgerStatus.CLIENT_DISCONNECTED
         elif failure is not None:
-            status = LedgerStatus.PARTIAL if events else LedgerStatus.ERROR
+            status = LedgerStatus.PARTIAL if self._received else LedgerStatus.ERROR
         else:
             status = LedgerStatus.SUCCESS
         record = _record(
@@ -1008,7 +1066,7 @@ class StreamRelay:
             logger.exception("router feedback failed for %s", call.request_id)
         if failure is None and written:
             for event in tracker.finish(micro_usd_to_str(call.charged_micro_usd)):
-                self._send(event)
+                await self._send(event)
             await self._remember(usage)
         else:
             if call.claim is not None:
@@ -1025,8 +1083,8 @@ class StreamRelay:
             )
             # An error event instead of the end marker: the client sees a failure,
             # never a silently truncated success.
-            self.queue.put_nowait(call.endpoint.error_event(error))
-        self.queue.put_nowait(None)
+            await self._put(call.endpoint.error_event(error))
+        await self._put(None)
 
     async def _remember(self, usage: Usage | None) -> None:
         call = self.call
@@ -1074,4 +1132,8 @@ async def count_message_tokens(request: HttpRequest) -> dict[str, int]:
             logger.warning("provider token count failed; counting locally")
     from gateway.dialects import MESSAGES
 
-    return {"input_tokens": MESSAGES.count_prompt(deployment.provider_model, body)}
+    return {
+        "input_tokens": await count_prompt(
+            MESSAGES, deployment.provider_model, body, len(request.body)
+        )
+    }
