@@ -19,10 +19,10 @@ import contextvars
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from django.conf import settings
@@ -57,6 +57,8 @@ from gateway.errors import GatewayError
 from gateway.routing import Deployment, RoutingTable, routing_tables
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Streams whose client left keep being read for this long, so that what the
 # provider generated (and will bill us for) is known and billed.
@@ -488,17 +490,23 @@ def _backoff(retry: int, exc: upstream.UpstreamError, base: float, cap: float) -
 
 # --- the flow ------------------------------------------------------------------------------------
 
-# Counting tokens costs roughly 0.1 µs of CPU per prompt byte: an 8 MB prompt holds
-# the event loop for about a second, stalling every other request of the worker.
-# Above this size the count runs in a thread (tiktoken releases the GIL while it
-# encodes); below it, inline, since a thread hop would cost more than the count.
+# Walking and counting a prompt costs CPU in proportion to its size: an 8 MB prompt's
+# token count holds the event loop for about a second, and validating 100k tiny
+# messages for over a second more, stalling every other request of the worker.
+# Above this size that work runs in a thread (tiktoken releases the GIL while it
+# encodes); below it, inline, since a thread hop would cost more than the work.
 INLINE_COUNT_MAX_BYTES = 64 * 1024
 
 
-async def count_prompt(endpoint: Endpoint, model: str, body: dict[str, Any], size: int) -> int:
+async def _by_size(size: int, work: Callable[..., _T], *args: Any) -> _T:
+    """`work(*args)`, in a thread when the body is large enough to stall the loop."""
     if size <= INLINE_COUNT_MAX_BYTES:
-        return endpoint.count_prompt(model, body)
-    return await asyncio.to_thread(endpoint.count_prompt, model, body)
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
+
+
+async def count_prompt(endpoint: Endpoint, model: str, body: dict[str, Any], size: int) -> int:
+    return await _by_size(size, endpoint.count_prompt, model, body)
 
 
 async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
@@ -506,7 +514,7 @@ async def handle(request: HttpRequest, endpoint: Endpoint) -> HttpResponseBase:
     principal = await authenticate(request)
     body = parse_json_body(request)
     idempotency_key = idempotency.header_value(request.headers.get("idempotency-key"))
-    parsed = endpoint.validate(body)
+    parsed = await _by_size(len(request.body), endpoint.validate, body)
     call = Call(
         request_id=request.request_id,  # type: ignore[attr-defined]
         endpoint=endpoint,
