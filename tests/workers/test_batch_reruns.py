@@ -23,7 +23,6 @@ from billing.models import LedgerEntry
 from gateway import services
 from gateway.models import BatchLine
 from tests.support import wait_for
-from tests.workers.conftest import celery_workers  # noqa: F401  (the real Celery workers)
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +62,7 @@ def _key_counter(env: dict[str, str], key_id: int) -> dict[bytes, bytes]:
 
 
 def test_it_bills_the_attempts_of_a_line_rerun_after_its_worker_died_mid_retry(
-    celery_workers,  # noqa: F811
+    celery_workers,
     live_gateway,
     mock_upstream,
     make_model,
@@ -128,10 +127,11 @@ def test_it_bills_the_attempts_of_a_line_rerun_after_its_worker_died_mid_retry(
         "the rerun's spend to be settled",
     )
     assert int(state[b"spent"]) == success.charged_cost_micro_usd
-    # What is still reserved is the killed run's reservation alone (it is released when
-    # it expires); the rerun's own reservation was settled.
+    # The rerun's own reservation was settled. The killed run's is leased: it is still
+    # held within one lease of the kill (its renewer died with the worker) and released
+    # by the first admission after that, so either it alone is left or nothing is.
     counters = redis.Redis.from_url(live_gateway.env["REDIS_URL"])
     held: dict[bytes, bytes] = counters.hgetall("gw:res:val")  # type: ignore[assignment]
     mine = [v for k, v in held.items() if k.decode().startswith(f"{request_id}:")]
-    assert len(mine) == 1, mine
-    assert int(state[b"reserved"]) == int(mine[0].split(b"|")[0])
+    assert len(mine) <= 1, mine
+    assert int(state[b"reserved"]) == sum(int(v.split(b"|")[0]) for v in mine)
