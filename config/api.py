@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from django.core.exceptions import ValidationError as ModelValidationError
+from django.db import DataError
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -70,6 +71,24 @@ def _model_validation_error(request: HttpRequest, exc: ModelValidationError) -> 
         message, param = " ".join(exc.messages), None
     return error_response(
         GatewayError(message, 400, "invalid_request_error", "invalid_parameter", param),
+        dialect=dialect_for_path(request.path),
+    )
+
+
+@api.exception_handler(DataError)
+def _data_error(request: HttpRequest, exc: DataError) -> HttpResponse:
+    # Postgres text cannot hold NUL: psycopg refuses such a string when a query or a
+    # row carries it. That is the client's value to fix, not a server failure.
+    if "NUL" not in str(exc):
+        return _unexpected(request, exc)
+    return error_response(
+        GatewayError(
+            "A string in the request contains a NUL (\\u0000) character, which the gateway "
+            "cannot store or search for; remove it.",
+            400,
+            "invalid_request_error",
+            "invalid_parameter",
+        ),
         dialect=dialect_for_path(request.path),
     )
 

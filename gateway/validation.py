@@ -369,8 +369,11 @@ def _model_or_first_of_models(body: dict[str, Any]) -> str:
 
 def _user(body: dict[str, Any]) -> str:
     user = body.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > 256):
-        raise invalid_request("'user' must be a string of at most 256 characters.", param="user")
+    if user is not None and (not isinstance(user, str) or len(user) > 256 or "\x00" in user):
+        raise invalid_request(
+            "'user' must be a string of at most 256 characters, without NUL characters.",
+            param="user",
+        )
     return user or ""
 
 
@@ -604,9 +607,11 @@ def validate_messages(body: dict[str, Any]) -> Parsed:
     if metadata is not None and not isinstance(metadata, dict):
         raise invalid_request("metadata: must be an object", param="metadata")
     user = (metadata or {}).get("user_id") or ""
-    if not isinstance(user, str) or len(user) > 256:
+    # The end user and tags are stored in the ledger: Postgres text cannot hold NUL.
+    if not isinstance(user, str) or len(user) > 256 or "\x00" in user:
         raise invalid_request(
-            "metadata.user_id: must be a string of at most 256 characters", param="metadata.user_id"
+            "metadata.user_id: must be a string of at most 256 characters, without NUL characters",
+            param="metadata.user_id",
         )
     return Parsed(model, _stream(body), user, _fallbacks(body))
 
@@ -642,9 +647,10 @@ def tags_from(header: str | None, metadata: Any) -> list[str]:
                 "'metadata.tags' must be an array of strings.", param="metadata.tags"
             )
         tags.extend(t.strip() for t in extra if t.strip())
-    if len(tags) > 20 or any(len(t) > 64 for t in tags):
+    if len(tags) > 20 or any(len(t) > 64 or "\x00" in t for t in tags):
         raise invalid_request(
-            "At most 20 tags of up to 64 characters each (x-gateway-tags or metadata.tags).",
+            "At most 20 tags of up to 64 characters each, without NUL characters "
+            "(x-gateway-tags or metadata.tags).",
             param="metadata.tags",
         )
     return list(dict.fromkeys(tags))
