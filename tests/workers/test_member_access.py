@@ -26,7 +26,6 @@ from openai import OpenAI
 from dashboard.models import Membership, TeamRole
 from gateway.models import AuditEntry, Team, VirtualKey
 from tests.support import wait_for
-from tests.workers.conftest import celery_workers, worker  # noqa: F401  (real Celery workers)
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +99,7 @@ def _assert_sees_nothing(sdk: OpenAI, file_id: str, output_id: str, batch_id: st
 
 
 def test_it_shows_a_members_files_and_batches_only_to_their_keys_and_the_team_admins(
-    worker,  # noqa: F811
+    worker,
     live_gateway,
     make_model,
     make_key,
