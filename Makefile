@@ -63,7 +63,9 @@ run: $(VENV)/.installed ## Run the gateway + mock upstream on http://127.0.0.1:$
 	scripts/run.sh
 
 .PHONY: test
-test: $(VENV)/.installed-dev ## Run pytest against private Postgres + Redis
+test: $(VENV)/.installed-dev ## The import contract, then pytest against private Postgres + Redis
+	@# An upward import (pyproject.toml: [tool.importlinter]) fails CI before any test runs.
+	$(VENV)/bin/lint-imports
 	@# The dashboard's browser tests drive Debian's Chromium (Playwright downloads no browser).
 	command -v chromium || (apt-get update && apt-get install -y chromium)
 	scripts/services.sh test -- $(PY) -m pytest $(PYTEST_ARGS)
@@ -73,12 +75,13 @@ services: ## Start Postgres + Redis for development until Ctrl-C
 	scripts/services.sh up
 
 .PHONY: lint
-lint: $(VENV)/.installed-dev ## ruff check, ruff format --check, mypy (runs all, fails if any fails)
+lint: $(VENV)/.installed-dev ## ruff, ruff format --check, mypy, lint-imports (runs all, fails if any fails)
 	@# The django-stubs plugin imports settings, which insist on SECRET_KEY outside debug.
 	@status=0; \
 	$(VENV)/bin/ruff check . || status=1; \
 	$(VENV)/bin/ruff format --check . || status=1; \
 	GATEWAY_DEBUG=1 $(VENV)/bin/mypy . || status=1; \
+	$(VENV)/bin/lint-imports || status=1; \
 	exit $$status
 
 .PHONY: format

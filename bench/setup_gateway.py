@@ -33,6 +33,7 @@ django.setup()
 
 from django.db.models import Count  # noqa: E402
 
+from accounts import services as account_services  # noqa: E402
 from billing.models import LedgerEntry  # noqa: E402
 from gateway import services  # noqa: E402
 from gateway.models import ModelDeployment  # noqa: E402
@@ -59,10 +60,10 @@ def setup(mock_base: str, run_id: str) -> dict[str, object]:
             services.deployment_create(
                 name=name, provider_model="openai/gpt-4o-mini", actor="bench", api_base=api_base
             )
-    team = services.team_create(name=f"bench-{run_id}", actor="bench")
+    team = account_services.team_create(name=f"bench-{run_id}", actor="bench")
     keys = {}
     for role in ("load", "exact"):
-        issued = services.key_create(
+        issued = account_services.key_create(
             team=team,
             name=f"bench-{run_id}-{role}",
             actor="bench",

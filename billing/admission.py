@@ -47,12 +47,12 @@ from billing import alerts
 from billing.models import LedgerEntry
 from billing.periods import Period, current_period
 from billing.pricing import Prices, max_cost_micro_usd, micro_usd_to_str
-from gateway import redis_client
-from gateway.db import run_db
-from gateway.errors import GatewayError
+from core import redis_client
+from core.db import run_db
+from core.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.auth import KeyPrincipal
+    from accounts.auth import KeyPrincipal
 
 logger = logging.getLogger(__name__)
 

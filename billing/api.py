@@ -11,6 +11,7 @@ from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import Field, Query, Router, Schema
 
+from accounts.models import Team, VirtualKey
 from billing import admission, notifications, rollups, usage, webhooks
 from billing import invoices as invoice_services
 from billing.admission import Budget
@@ -26,11 +27,9 @@ from billing.models import (
 from billing.periods import current_period
 from billing.pricing import micro_usd_to_str
 from billing.selectors import LedgerFilter, ledger_rows, spend_by_model
-from gateway.auth import ADMIN_ACTOR, AdminToken
-from gateway.db import run_db
-from gateway.errors import GatewayError
-from gateway.models import Team, VirtualKey
-from gateway.schemas import ErrorOut, Page, PageParams
+from core.api import ADMIN_ACTOR, AdminToken, ErrorOut, Page, PageParams
+from core.db import run_db
+from core.errors import GatewayError
 
 router = Router(auth=AdminToken(), tags=["Billing"])
 

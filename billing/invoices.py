@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -39,6 +40,7 @@ from django.db.models.functions import TruncMonth
 from django.template.loader import render_to_string
 from django.utils import timezone
 
+from accounts.models import Team
 from billing.csv_export import csv_amount, safe_writer
 from billing.models import (
     Invoice,
@@ -49,11 +51,10 @@ from billing.models import (
     LedgerEntry,
 )
 from billing.periods import current_period, zone
-from billing.pricing import micro_usd_to_str
-from gateway.errors import GatewayError
-from gateway.models import Team
-from gateway.services import audit
-from gateway.services import snapshot as audit_snapshot
+from billing.pricing import Prices, micro_usd_to_str
+from core.audit import audit
+from core.audit import snapshot as audit_snapshot
+from core.errors import GatewayError
 
 logger = logging.getLogger(__name__)
 
@@ -140,20 +141,24 @@ def invoice_rows(invoice: Invoice) -> QuerySet[LedgerEntry]:
     return rows
 
 
+# What each (provider, public model) costs per 1M tokens now. The data plane, a layer
+# above, owns the configured deployments and registers this at start-up
+# (gateway.apps); until then (a bare billing shell) invoices list no unit prices.
+UnitPriceSource = Callable[[], Iterable[tuple[str, str, Prices]]]
+_unit_price_source: UnitPriceSource = tuple
+
+
+def register_unit_price_source(source: UnitPriceSource) -> None:
+    global _unit_price_source
+    _unit_price_source = source
+
+
 def _unit_prices() -> dict[tuple[str, str], dict[str, str]]:
     """USD per 1M tokens of each kind for each (provider, public model) configured now."""
-    from gateway.models import ModelDeployment
-    from gateway.routing import snapshot
-
     out: dict[tuple[str, str], dict[str, str]] = {}
-    for row in ModelDeployment.objects.filter(enabled=True).order_by("id"):
-        try:
-            deployment = snapshot(row)
-        except Exception:  # noqa: S112 - informational only; a broken row must not block billing
-            continue
-        prices = deployment.prices
+    for provider, name, prices in _unit_price_source():
         out.setdefault(
-            (deployment.provider, row.name),
+            (provider, name),
             {
                 "input": _price(prices.input),
                 "output": _price(prices.output),

@@ -376,7 +376,7 @@ class WebhookEndpoint(models.Model):
     description = models.CharField(max_length=500, blank=True, default="")
     # Event types delivered here; empty means every type.
     events = models.JSONField(default=list, blank=True)
-    # Fernet token of the signing secret (gateway.crypto); shown once, at creation.
+    # Fernet token of the signing secret (core.crypto); shown once, at creation.
     secret_encrypted = models.TextField()
     secret_last4 = models.CharField(max_length=4)
     enabled = models.BooleanField(default=True)

@@ -29,8 +29,9 @@ from billing.models import (
     TeamNotificationSettings,
 )
 from billing.pricing import micro_usd_to_str
-from gateway.errors import invalid_request
-from gateway.services import audit, snapshot
+from core import tasks
+from core.audit import audit, snapshot
+from core.errors import invalid_request
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def alerts_pending(*, limit: int = 500) -> list[int]:
 
 
 def _names(alert: BudgetAlert) -> tuple[str, str]:
-    from gateway.models import Team, VirtualKey
+    from accounts.models import Team, VirtualKey
 
     team = Team.objects.filter(id=alert.team_id).values_list("name", flat=True).first() or ""
     key = ""
@@ -204,9 +205,7 @@ def alert_deliver(*, alert_id: int, now: datetime | None = None) -> AlertOutcome
 
 
 def _enqueue_email(email_id: int, countdown: float | None = None) -> None:
-    from billing.tasks import email_send
-
-    email_send.apply_async((email_id,), countdown=countdown)
+    tasks.send("billing.email_send", email_id, countdown=countdown)
 
 
 # --- the email outbox ------------------------------------------------------------------------

@@ -11,20 +11,21 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
 from billing import invoices, notifications, rollups, webhooks
-from config.celery import app, durable, time_limits
+from core.tasks import durable, time_limits
 
 
-@app.task(name="billing.rollups_update", **durable(**time_limits(900)))
+@shared_task(name="billing.rollups_update", **durable(**time_limits(900)))
 def rollups_update() -> dict[str, Any]:
     run = rollups.rollups_update()
     return {"cutoff": run.cutoff.isoformat(), "hours": run.hours}
 
 
-@app.task(name="billing.rollups_rebuild", **durable(**time_limits(3600)))
+@shared_task(name="billing.rollups_rebuild", **durable(**time_limits(3600)))
 def rollups_rebuild(since: str, until: str) -> dict[str, Any]:
     run = rollups.rollups_rebuild(
         since=datetime.fromisoformat(since), until=datetime.fromisoformat(until)
@@ -32,7 +33,7 @@ def rollups_rebuild(since: str, until: str) -> dict[str, Any]:
     return {"cutoff": run.cutoff.isoformat(), "hours": run.hours}
 
 
-@app.task(name="billing.rollups_reconcile", **durable(**time_limits(1800)))
+@shared_task(name="billing.rollups_reconcile", **durable(**time_limits(1800)))
 def rollups_reconcile(hours: int = 48, repair: bool = False) -> dict[str, Any]:
     until = rollups.floor_hour(timezone.now())
     run = rollups.rollups_reconcile(
@@ -41,12 +42,12 @@ def rollups_reconcile(hours: int = 48, repair: bool = False) -> dict[str, Any]:
     return {"id": run.id, "ok": run.ok, "differences": len(run.differences)}
 
 
-@app.task(name="billing.invoices_draft_due", **durable(**time_limits(1800)))
+@shared_task(name="billing.invoices_draft_due", **durable(**time_limits(1800)))
 def invoices_draft_due() -> list[int]:
     return invoices.invoices_draft_due()
 
 
-@app.task(name="billing.alerts_dispatch", **durable())
+@shared_task(name="billing.alerts_dispatch", **durable())
 def alerts_dispatch() -> int:
     sent = 0
     for alert_id in notifications.alerts_pending():
@@ -54,13 +55,13 @@ def alerts_dispatch() -> int:
     return sent
 
 
-@app.task(name="billing.alert_deliver", **durable())
+@shared_task(name="billing.alert_deliver", **durable())
 def alert_deliver(alert_id: int) -> bool:
     return notifications.alert_deliver(alert_id=alert_id).delivered
 
 
 # The delivery's own deadline ends it first; the limits catch DNS and the database.
-@app.task(
+@shared_task(
     name="billing.webhook_deliver",
     **durable(**time_limits(settings.GATEWAY_WEBHOOK_TIMEOUT_SECONDS + 30)),
 )
@@ -74,12 +75,12 @@ def webhook_deliver(delivery_id: int) -> str:
 
 
 # SMTP's timeout is per operation (EMAIL_TIMEOUT_SECONDS); a dripping server is cut here.
-@app.task(name="billing.email_send", **durable(**time_limits(settings.EMAIL_TIMEOUT * 3 + 30)))
+@shared_task(name="billing.email_send", **durable(**time_limits(settings.EMAIL_TIMEOUT * 3 + 30)))
 def email_send(email_id: int) -> str:
     return notifications.email_send(email_id=email_id)
 
 
-@app.task(name="billing.notifications_retry_due", **durable())
+@shared_task(name="billing.notifications_retry_due", **durable())
 def notifications_retry_due() -> int:
     due = webhooks.deliveries_due()
     for delivery_id in due:

@@ -47,9 +47,10 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from gateway.crypto import decrypt_secret, encrypt_secret
-from gateway.errors import GatewayError, invalid_request
-from gateway.services import audit, snapshot
+from core import tasks
+from core.audit import audit, snapshot
+from core.crypto import decrypt_secret, encrypt_secret
+from core.errors import GatewayError, invalid_request
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def _check_events(events: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(events))
 
 
-# Changes to endpoints are audited (gateway.services.audit) with the actor the caller
+# Changes to endpoints are audited (core.audit.audit) with the actor the caller
 # names: a dashboard user's name, "admin-api", or "system". The snapshot shows only
 # whether a signing secret is set and its last four characters, never the token.
 
@@ -296,10 +297,8 @@ def event_emit(
 
 
 def _enqueue(ids: list[int], countdown: float | None = None) -> None:
-    from billing.tasks import webhook_deliver
-
     for delivery_id in ids:
-        webhook_deliver.apply_async((delivery_id,), countdown=countdown)
+        tasks.send("billing.webhook_deliver", delivery_id, countdown=countdown)
 
 
 # --- delivery -------------------------------------------------------------------------------------

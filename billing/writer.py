@@ -14,7 +14,7 @@ import logging
 
 from billing import spool
 from billing.ledger import AttemptRecord
-from gateway.db import run_db
+from core.db import run_db
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from billing.api import router as billing_router
+from core.errors import GatewayError
+from core.http import dialect_for_path, error_response
 from gateway.api_admin import router as admin_router
 from gateway.api_batches import router as batches_router
 from gateway.api_v1 import router as v1_router
-from gateway.errors import GatewayError, dialect_for_path, error_response
 
 logger = logging.getLogger(__name__)
 

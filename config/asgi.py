@@ -34,8 +34,9 @@ full_site = get_asgi_application()
 
 # Imported once at start-up (litellm takes seconds to import), never per request.
 import gateway.proxy  # noqa: E402, F401
+from core.errors import body_too_large  # noqa: E402
+from core.http import dialect_for_path  # noqa: E402
 from gateway import upstream  # noqa: E402
-from gateway.errors import body_too_large, dialect_for_path  # noqa: E402
 
 
 class DataPlaneRequest(ASGIRequest):
@@ -60,7 +61,7 @@ class DataPlaneHandler(ASGIHandler):
     The stock handler runs each request in its own thread-sensitive context, sends
     `request_started` (sync receivers: a thread hop) and closes the response through
     sync_to_async (another). Data-plane views never touch Django's per-request
-    database connections (they use gateway.db.run_db), so here the signal is skipped
+    database connections (they use core.db.run_db), so here the signal is skipped
     and the response closed inline: no thread is started or woken per request.
     """
 

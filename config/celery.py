@@ -34,40 +34,6 @@ app.conf.task_routes = {
     "billing.webhook_deliver": {"queue": NOTIFICATIONS_QUEUE},
     "billing.email_send": {"queue": NOTIFICATIONS_QUEUE},
 }
-# Between a task's soft limit (SoftTimeLimitExceeded, a chance to stop cleanly) and
-# the hard one (the pool process is killed and replaced).
-HARD_LIMIT_GRACE_SECONDS = 60
-
-
-def time_limits(soft_seconds: float) -> dict[str, float]:
-    """Per-task limits for a task that runs longer (or must stop sooner) than the default
-    (settings.CELERY_TASK_SOFT_TIME_LIMIT)."""
-    return {"soft_time_limit": soft_seconds, "time_limit": soft_seconds + HARD_LIMIT_GRACE_SECONDS}
-
-
-def durable(**overrides: Any) -> dict[str, Any]:
-    """Options every task shares: late ack, bounded retries with exponential backoff.
-
-    Time limits come from settings (every task has them) unless `time_limits(...)`
-    is passed for a task that needs other ones.
-
-    Only failures that a retry can cure are retried (the database or the broker
-    being briefly unreachable); a bug fails the task at once, loudly.
-    """
-    from django.db import InterfaceError, OperationalError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    options: dict[str, Any] = {
-        "acks_late": True,
-        "reject_on_worker_lost": True,
-        "autoretry_for": (OperationalError, InterfaceError, RedisConnectionError),
-        "max_retries": 5,
-        "retry_backoff": 2,
-        "retry_backoff_max": 300,
-        "retry_jitter": True,
-    }
-    options.update(overrides)
-    return options
 
 
 @app.on_after_configure.connect

@@ -59,8 +59,11 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "ninja",
     "axes",
-    "gateway",
+    # The one-way stack, lowest first (pyproject.toml: the import-linter contract).
+    "core",
+    "accounts",
     "billing",
+    "gateway",
     "dashboard",
 ]
 
@@ -146,7 +149,7 @@ else:
             },
         }
     }
-# The data plane's own alias (gateway/db.py): the same database, used only from
+# The data plane's own alias (core/db.py): the same database, used only from
 # run_db's long-lived worker threads, each keeping one persistent connection. No
 # pool between them and Postgres, so nothing to back off after Postgres restarts:
 # a dead connection is replaced on the spot (run_db retries once).
@@ -161,7 +164,7 @@ DATABASES["hotpath"] = {
     },
     "TEST": {"MIRROR": "default"},
 }
-DATABASE_ROUTERS = ["gateway.db.HotPathRouter"]
+DATABASE_ROUTERS = ["core.db.HotPathRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, cache and Celery -----------------------------------------------------
@@ -202,7 +205,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TIMEZONE = "UTC"
 # Every task is interrupted (SoftTimeLimitExceeded) after the soft limit and its
 # process killed a minute later; tasks that legitimately run longer (rollups,
-# invoices, batches) and deliveries set their own (config/celery.py time_limits).
+# invoices, batches) and deliveries set their own (core/tasks.py time_limits).
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("GATEWAY_TASK_SOFT_TIME_LIMIT_SECONDS", 300, minimum=1)
 CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 60
 
@@ -328,7 +331,7 @@ GATEWAY_CACHE_TTL_SECONDS = env_int("GATEWAY_CACHE_TTL_SECONDS", 3600, minimum=1
 GATEWAY_CACHE_BILL_HITS = env_bool("GATEWAY_CACHE_BILL_HITS", False)
 # What one team may keep in the response cache and in the idempotency store; storing
 # past a cap evicts that team's oldest entries, and an entry bigger than the byte cap
-# on its own is not stored (gateway/capped_store.py).
+# on its own is not stored (core/capped_store.py).
 GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM = env_int(
     "GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM", 10_000, minimum=1
 )

@@ -19,11 +19,10 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 
+from accounts.models import Membership, PlatformRole, StaffRole, Team, TeamRole, VirtualKey
 from billing import invoices
 from billing.models import Invoice, InvoiceStatus
-from dashboard.models import Membership, PlatformRole, StaffRole, TeamRole
-from gateway.errors import GatewayError
-from gateway.models import Team, VirtualKey
+from core.errors import GatewayError
 
 P = ParamSpec("P")
 
@@ -198,11 +197,6 @@ class Viewer:
         # are only ever about its draft. Finalize and void are about what was issued.
         drafts = Q(object_type="invoice", action__in=("create", "update"))
         return Q(team_id__in=self.admin_team_ids) & ~drafts
-
-
-def user_is_team_admin(user_id: int, team_id: int) -> bool:
-    """Registered with gateway.files: a team admin's keys see all the team's files and batches."""
-    return Membership.objects.filter(user_id=user_id, team_id=team_id, role=TeamRole.ADMIN).exists()
 
 
 def load_viewer(user: AbstractBaseUser | AnonymousUser) -> Viewer:

@@ -17,12 +17,6 @@ class DashboardConfig(AppConfig):
         # still reach the audit log.
         post_save.connect(_user_saved, sender=User, dispatch_uid="dashboard-audit-user-created")
 
-        # The gateway (a layer below) asks through this hook who is a team admin.
-        from dashboard.access import user_is_team_admin
-        from gateway import files
-
-        files.register_team_admin_check(user_is_team_admin)
-
 
 def _user_saved(
     sender: type[Any], instance: Any, created: bool, raw: bool = False, **_: Any

@@ -16,10 +16,10 @@ from django import forms
 from django.core.validators import RegexValidator
 from django.utils import timezone
 
+from accounts.models import BudgetPeriod, Team, TeamRole, VirtualKey
 from billing.webhooks import EVENT_TYPES as WEBHOOK_EVENT_TYPES
-from dashboard.models import TeamRole
 from dashboard.services import PLATFORM_ROLES
-from gateway.models import BudgetPeriod, RoutingStrategy, Team, VirtualKey
+from gateway.models import RoutingStrategy
 from gateway.services import money_to_micro
 
 MAX_USD = Decimal("1000000000")

@@ -35,6 +35,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce, Trunc
 from django.utils import timezone
 
+from accounts.models import KeySecret, Membership, Team, VirtualKey
 from billing import invoices, notifications, usage, webhooks
 from billing.models import (
     Invoice,
@@ -48,17 +49,9 @@ from billing.models import (
     WebhookEndpoint,
 )
 from billing.periods import current_period, zone
+from core.models import AuditEntry
 from dashboard.access import Viewer
-from dashboard.models import Membership
-from gateway.models import (
-    AuditEntry,
-    KeySecret,
-    ModelAlias,
-    ModelDeployment,
-    ModelGroup,
-    Team,
-    VirtualKey,
-)
+from gateway.models import ModelAlias, ModelDeployment, ModelGroup
 
 PAGE_SIZE = 25
 

@@ -21,10 +21,10 @@ from django.contrib.auth.models import User
 from django.contrib.auth.password_validation import validate_password
 from django.db import IntegrityError, transaction
 
-from dashboard.models import Membership, PlatformRole, StaffRole, TeamRole
-from gateway.errors import GatewayError
-from gateway.models import ModelDeployment, Team
-from gateway.services import audit, snapshot
+from accounts.models import Membership, PlatformRole, StaffRole, Team, TeamRole
+from core.audit import audit, snapshot
+from core.errors import GatewayError
+from gateway.models import ModelDeployment
 
 if TYPE_CHECKING:
     from gateway.routing import Deployment

@@ -13,15 +13,16 @@ from django.http import HttpRequest
 from django.shortcuts import get_object_or_404
 from ninja import Query, Router, Schema
 
+from accounts import services as account_services
+from accounts.models import KeySecret, Team, VirtualKey
+from core.api import ADMIN_ACTOR, AdminToken, ErrorOut, Page, PageParams
+from core.errors import GatewayError, invalid_request
 from gateway import services
-from gateway.auth import ADMIN_ACTOR, AdminToken
-from gateway.errors import GatewayError, invalid_request
-from gateway.models import KeySecret, ModelAlias, ModelDeployment, ModelGroup, Team, VirtualKey
+from gateway.models import ModelAlias, ModelDeployment, ModelGroup
 from gateway.routing import split_provider
 from gateway.schemas import (
     AliasIn,
     AliasOut,
-    ErrorOut,
     GroupIn,
     GroupOut,
     KeyCreatedOut,
@@ -31,8 +32,6 @@ from gateway.schemas import (
     ModelIn,
     ModelOut,
     ModelPatch,
-    Page,
-    PageParams,
     RotateIn,
     TeamIn,
     TeamOut,
@@ -140,7 +139,7 @@ def _team_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/teams", response={201: TeamOut, **ERRORS}, summary="Create a team")
 def team_create(request: HttpRequest, payload: TeamIn) -> tuple[int, TeamOut]:
-    team = services.team_create(actor=ADMIN_ACTOR, **_team_fields(_set_fields(payload)))
+    team = account_services.team_create(actor=ADMIN_ACTOR, **_team_fields(_set_fields(payload)))
     return 201, TeamOut.of(team)
 
 
@@ -156,7 +155,7 @@ def team_get(request: HttpRequest, team_id: int) -> TeamOut:
 
 @router.api_operation(["PATCH", "PUT"], "/teams/{team_id}", response={200: TeamOut, **ERRORS})
 def team_update(request: HttpRequest, team_id: int, payload: TeamPatch) -> TeamOut:
-    team = services.team_update(
+    team = account_services.team_update(
         actor=ADMIN_ACTOR, team=_team(team_id), **_team_fields(_set_fields(payload))
     )
     return TeamOut.of(team)
@@ -164,7 +163,7 @@ def team_update(request: HttpRequest, team_id: int, payload: TeamPatch) -> TeamO
 
 @router.delete("/teams/{team_id}", response={204: None, **ERRORS})
 def team_delete(request: HttpRequest, team_id: int) -> tuple[int, None]:
-    services.team_delete(actor=ADMIN_ACTOR, team=_team(team_id))
+    account_services.team_delete(actor=ADMIN_ACTOR, team=_team(team_id))
     return 204, None
 
 
@@ -203,7 +202,7 @@ def _key_fields(fields: dict[str, Any]) -> dict[str, Any]:
 def key_create(request: HttpRequest, payload: KeyIn) -> tuple[int, KeyCreatedOut]:
     fields = _set_fields(payload)
     team = _team(fields.pop("team_id"))
-    issued = services.key_create(actor=ADMIN_ACTOR, team=team, **_key_fields(fields))
+    issued = account_services.key_create(actor=ADMIN_ACTOR, team=team, **_key_fields(fields))
     out = _key_out(_key(issued.key.id))
     return 201, KeyCreatedOut(**out.model_dump(), key=issued.secret)
 
@@ -230,7 +229,7 @@ def key_get(request: HttpRequest, key_id: int) -> KeyOut:
 
 @router.api_operation(["PATCH", "PUT"], "/keys/{key_id}", response={200: KeyOut, **ERRORS})
 def key_update(request: HttpRequest, key_id: int, payload: KeyPatch) -> KeyOut:
-    key = services.key_update(
+    key = account_services.key_update(
         actor=ADMIN_ACTOR, key=_key(key_id), **_key_fields(_set_fields(payload))
     )
     return _key_out(_key(key.id))
@@ -238,7 +237,7 @@ def key_update(request: HttpRequest, key_id: int, payload: KeyPatch) -> KeyOut:
 
 @router.delete("/keys/{key_id}", response={200: KeyOut, **ERRORS}, summary="Revoke a key")
 def key_revoke(request: HttpRequest, key_id: int) -> KeyOut:
-    key = services.key_revoke(actor=ADMIN_ACTOR, key=_key(key_id))
+    key = account_services.key_revoke(actor=ADMIN_ACTOR, key=_key(key_id))
     return _key_out(_key(key.id))
 
 
@@ -249,7 +248,7 @@ def key_rotate(
     request: HttpRequest, key_id: int, payload: RotateIn | None = None
 ) -> tuple[int, KeyCreatedOut]:
     grace = payload.grace_period_seconds if payload else 0
-    issued = services.key_rotate(actor=ADMIN_ACTOR, key=_key(key_id), grace_seconds=grace)
+    issued = account_services.key_rotate(actor=ADMIN_ACTOR, key=_key(key_id), grace_seconds=grace)
     out = _key_out(_key(issued.key.id))
     return 201, KeyCreatedOut(**out.model_dump(), key=issued.secret)
 

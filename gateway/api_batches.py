@@ -15,10 +15,10 @@ from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from ninja import Router
 
+from accounts.auth import authenticate
+from core.db import run_db_atomic
+from core.errors import invalid_request
 from gateway import batches, files, proxy
-from gateway.auth import authenticate
-from gateway.db import run_db_atomic
-from gateway.errors import invalid_request
 from gateway.routing import routing_tables
 
 router = Router(tags=["Batch API (OpenAI-compatible)"])

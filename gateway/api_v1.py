@@ -7,10 +7,10 @@ from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from ninja import Router
 
+from accounts.auth import authenticate
 from billing.api import SpendOut, spend_report
+from core.errors import GatewayError
 from gateway import catalog, dialects, proxy
-from gateway.auth import authenticate
-from gateway.errors import GatewayError
 from gateway.routing import routing_tables
 
 router = Router(tags=["OpenAI-compatible"])

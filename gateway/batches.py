@@ -46,20 +46,15 @@ from django.db.models import Case, Count, F, Max, PositiveSmallIntegerField, Q, 
 from django.http import HttpResponse
 from django.utils import timezone
 
+from accounts.auth import KeyPrincipal, _load
+from accounts.models import KeySecret
 from billing import admission
 from billing.models import LedgerEntry, LedgerStatus
+from core import tasks
+from core.db import run_db_atomic
+from core.errors import GatewayError, invalid_request
 from gateway import dialects, files, proxy, validation
-from gateway.auth import KeyPrincipal, _load
-from gateway.db import run_db_atomic
-from gateway.errors import GatewayError, invalid_request
-from gateway.models import (
-    Batch,
-    BatchLine,
-    BatchLineStatus,
-    BatchStatus,
-    FilePurpose,
-    KeySecret,
-)
+from gateway.models import Batch, BatchLine, BatchLineStatus, BatchStatus, FilePurpose
 from gateway.routing import RoutingTable, routing_tables
 
 logger = logging.getLogger(__name__)
@@ -298,9 +293,7 @@ def batch_create(
 
 
 def _enqueue(batch_id: int, countdown: float | None = None) -> None:
-    from gateway.tasks import batch_run
-
-    batch_run.apply_async((batch_id,), countdown=countdown)
+    tasks.send("gateway.batch_run", batch_id, countdown=countdown)
 
 
 def batch_get(*, principal: KeyPrincipal, batch_id: str) -> Batch:

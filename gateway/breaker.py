@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from billing import admission
-from gateway.errors import GatewayError
+from core.errors import GatewayError
 from gateway.routing import Deployment, GroupPolicy, RoutingTable
 
 # deployment id → consecutive failures, and until when (monotonic) it is cooled down.

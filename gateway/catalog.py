@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from gateway.auth import KeyPrincipal
+from accounts.auth import KeyPrincipal
 from gateway.routing import RoutingTable
 
 

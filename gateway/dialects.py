@@ -19,8 +19,8 @@ import orjson
 from litellm.anthropic_interface import messages as anthropic_messages
 
 from billing.pricing import Usage
+from core.errors import GatewayError
 from gateway import upstream, validation
-from gateway.errors import GatewayError
 from gateway.routing import Deployment
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
 
@@ -24,35 +23,22 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from gateway.errors import GatewayError, invalid_request
+from accounts.selectors import user_is_team_admin
+from core.errors import GatewayError, invalid_request
 from gateway.models import FilePurpose, StoredFile
 
 if TYPE_CHECKING:
-    from gateway.auth import KeyPrincipal
+    from accounts.auth import KeyPrincipal
 
 UPLOAD_PURPOSES = (FilePurpose.BATCH,)
-
-# Team roles belong to the dashboard, a layer above; it registers how to ask at start-up
-# (dashboard.apps). Until then nobody is a team admin, which only ever hides rows.
-TeamAdminCheck = Callable[[int, int], bool]  # (user id, team id) -> is a team admin
-
-
-def _no_team_admins(user_id: int, team_id: int) -> bool:
-    return False
-
-
-_team_admin_check: TeamAdminCheck = _no_team_admins
-
-
-def register_team_admin_check(check: TeamAdminCheck) -> None:
-    global _team_admin_check
-    _team_admin_check = check
 
 
 def visible_q(principal: KeyPrincipal) -> Q:
     """The files and batches a key may see, as a filter on StoredFile or Batch."""
     team = Q(team_id=principal.team_id)
-    if principal.owner_id is not None and _team_admin_check(principal.owner_id, principal.team_id):
+    if principal.owner_id is not None and user_is_team_admin(
+        user_id=principal.owner_id, team_id=principal.team_id
+    ):
         return team
     mine = Q(key_id=principal.key_id)
     if principal.owner_id is not None:

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 
-from gateway.db import run_db
+from core.db import run_db
 
 
 def _json(data: object, status: int = 200) -> HttpResponse:

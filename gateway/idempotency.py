@@ -29,9 +29,9 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from gateway import redis_client
-from gateway.capped_store import STORED, Caps, LocalCappedStore, RedisCappedStore
-from gateway.errors import GatewayError, invalid_request
+from core import redis_client
+from core.capped_store import STORED, Caps, LocalCappedStore, RedisCappedStore
+from core.errors import GatewayError, invalid_request
 
 TTL_SECONDS = 24 * 3600
 # How long a claim may stay "running" before another request may take it over

@@ -9,7 +9,8 @@ import orjson
 from django.http import HttpRequest, HttpResponse
 from django.utils.decorators import sync_and_async_middleware
 
-from gateway.errors import GatewayError, dialect_for_path
+from core.errors import GatewayError
+from core.http import dialect_for_path
 
 _API_ROOTS = ("/v1", "/api", "/health")
 

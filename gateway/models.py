@@ -6,131 +6,11 @@ Money limits are stored as integer micro-USD (1 USD = 1_000_000), never floats.
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
 from gateway.destinations import api_base_problem
-
-
-class BudgetPeriod(models.TextChoices):
-    DAILY = "daily"
-    WEEKLY = "weekly"
-    MONTHLY = "monthly"
-    # A one-off prepaid credit that never resets.
-    TOTAL = "total"
-
-
-class Team(models.Model):
-    name = models.CharField(max_length=200, unique=True)
-    # Optional budget for each period, in micro-USD.
-    budget_micro_usd = models.BigIntegerField(null=True, blank=True)
-    budget_period = models.CharField(
-        max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY
-    )
-    # Budget periods align to the calendar in this IANA timezone.
-    timezone = models.CharField(max_length=64, default="UTC")
-    # Percentages of the budget at which an alert is recorded, e.g. [50, 80, 100].
-    alert_thresholds = models.JSONField(default=list, blank=True)
-    # Applied to list cost to get the charged cost; negative for a discount.
-    markup_percent = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("0"))
-    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
-    tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
-    # Response cache for all the team's keys: entries live this long; null is off.
-    cache_ttl_seconds = models.PositiveIntegerField(null=True, blank=True)
-    metadata = models.JSONField(default=dict, blank=True)
-    # The team's policy for keys its members (not its admins) issue or change; each
-    # null or empty is no cap. Enforced by gateway.services, whatever the edge.
-    # A member key's budget, in micro-USD per the team's budget period (or longer).
-    member_key_max_budget_micro_usd = models.BigIntegerField(null=True, blank=True)
-    member_key_max_rpm = models.PositiveIntegerField(null=True, blank=True)
-    member_key_max_tpm = models.PositiveBigIntegerField(null=True, blank=True)
-    # Public model names a member key may be limited to; empty: any model.
-    member_key_allowed_models = models.JSONField(default=list, blank=True)
-    # Days from a member key's creation to its expiry, at most.
-    member_key_max_lifetime_days = models.PositiveIntegerField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        ordering = ["name"]
-
-    def __str__(self) -> str:
-        return self.name
-
-    @property
-    def has_member_key_policy(self) -> bool:
-        return any(
-            (
-                self.member_key_max_budget_micro_usd is not None,
-                self.member_key_max_rpm is not None,
-                self.member_key_max_tpm is not None,
-                bool(self.member_key_allowed_models),
-                self.member_key_max_lifetime_days is not None,
-            )
-        )
-
-
-class VirtualKey(models.Model):
-    """A key developers put in their SDK. Its secrets live in KeySecret, hashed."""
-
-    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="keys")
-    # The dashboard user the key belongs to (team members see their own keys);
-    # null for keys issued through the management API.
-    owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        null=True,
-        blank=True,
-        on_delete=models.SET_NULL,
-        related_name="virtual_keys",
-    )
-    name = models.CharField(max_length=200)
-    # Public model names this key may call; empty means every configured model.
-    allowed_models = models.JSONField(default=list, blank=True)
-    expires_at = models.DateTimeField(null=True, blank=True)
-    revoked_at = models.DateTimeField(null=True, blank=True)
-    metadata = models.JSONField(default=dict, blank=True)
-    max_budget_micro_usd = models.BigIntegerField(null=True, blank=True)
-    budget_period = models.CharField(
-        max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY
-    )
-    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
-    tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
-    # Overrides the team's response-cache TTL for this key; null inherits it.
-    cache_ttl_seconds = models.PositiveIntegerField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        ordering = ["-created_at"]
-        indexes = [models.Index(fields=["team", "created_at"])]
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.team_id})"
-
-
-class KeySecret(models.Model):
-    """One valid secret of a virtual key.
-
-    Only a SHA-256 of the secret is kept (secrets carry 256 random bits, so a fast
-    hash is enough). Rotation adds a new secret and gives the old one an expiry,
-    which is the grace period during which both work.
-    """
-
-    key = models.ForeignKey(VirtualKey, on_delete=models.CASCADE, related_name="secrets")
-    secret_hash = models.CharField(max_length=64, unique=True)
-    last4 = models.CharField(max_length=4)
-    expires_at = models.DateTimeField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        ordering = ["-created_at"]
-
-    def __str__(self) -> str:
-        return f"…{self.last4} of key {self.key_id}"
 
 
 class RoutingStrategy(models.TextChoices):
@@ -152,7 +32,7 @@ class ModelDeployment(models.Model):
     name = models.CharField(max_length=200, db_index=True)
     provider_model = models.CharField(max_length=300)
     api_base = models.CharField(max_length=500, blank=True, default="")
-    # Fernet token of the provider api key (see gateway.crypto); never shown again.
+    # Fernet token of the provider api key (see core.crypto); never shown again.
     api_key_encrypted = models.TextField(blank=True, default="")
     api_version = models.CharField(max_length=64, blank=True, default="")
     input_cost_per_million = models.DecimalField(
@@ -262,35 +142,6 @@ class ModelAlias(models.Model):
 
     def __str__(self) -> str:
         return f"{self.alias} -> {self.target}"
-
-
-class AuditEntry(models.Model):
-    """Who changed what and when, with the values before and after. Append-only.
-
-    Snapshots never hold secrets: provider credentials and webhook signing secrets
-    appear only as whether one is set, and key secrets never at all.
-    """
-
-    actor = models.CharField(max_length=200)
-    # create | update | delete | revoke | rotate, and for invoices finalize | void
-    action = models.CharField(max_length=32)
-    object_type = models.CharField(max_length=32)
-    object_id = models.CharField(max_length=64)
-    # The team the object belongs to, so team admins can read their own history.
-    team_id = models.BigIntegerField(null=True, blank=True)
-    before = models.JSONField(null=True, blank=True)
-    after = models.JSONField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-
-    class Meta:
-        ordering = ["-created_at", "-id"]
-        indexes = [
-            models.Index(fields=["object_type", "object_id"]),
-            models.Index(fields=["team_id", "created_at"]),
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.actor} {self.action} {self.object_type}:{self.object_id}"
 
 
 # --- Files and batches (OpenAI's Files and Batch APIs) -----------------------------------------

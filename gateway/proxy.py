@@ -30,6 +30,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 
+from accounts.auth import KeyPrincipal, authenticate
 from billing import admission, spool
 from billing.ledger import AttemptRecord
 from billing.models import LedgerStatus
@@ -41,19 +42,11 @@ from billing.pricing import (
     micro_usd_to_str,
 )
 from billing.writer import ledger_writer
-from gateway import (
-    breaker,
-    errors,
-    idempotency,
-    response_cache,
-    response_ids,
-    upstream,
-    validation,
-)
-from gateway.auth import KeyPrincipal, authenticate
-from gateway.db import run_db
+from core import errors
+from core.db import run_db
+from core.errors import GatewayError
+from gateway import breaker, idempotency, response_cache, response_ids, upstream, validation
 from gateway.dialects import Endpoint, Tracker, count_text, stream_text, text_bytes
-from gateway.errors import GatewayError
 from gateway.routing import Deployment, RoutingTable, routing_tables
 
 logger = logging.getLogger(__name__)

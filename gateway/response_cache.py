@@ -22,10 +22,10 @@ import orjson
 from django.conf import settings
 from django.http import HttpRequest
 
+from accounts.auth import KeyPrincipal
 from billing.pricing import Usage
-from gateway import redis_client
-from gateway.auth import KeyPrincipal
-from gateway.capped_store import TOO_LARGE, Caps, LocalCappedStore, RedisCappedStore
+from core import redis_client
+from core.capped_store import TOO_LARGE, Caps, LocalCappedStore, RedisCappedStore
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from django.conf import settings
 
+from accounts.auth import KeyPrincipal
 from billing.pricing import Usage
-from gateway import redis_client
-from gateway.auth import KeyPrincipal
-from gateway.errors import GatewayError
+from core import redis_client
+from core.errors import GatewayError
 
 logger = logging.getLogger(__name__)
 

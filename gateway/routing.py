@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -18,12 +19,12 @@ import httpx
 import litellm
 from django.conf import settings
 
+from accounts.auth import KeyPrincipal
 from billing.pricing import ZERO, Prices, per_million_from_per_token
-from gateway.auth import KeyPrincipal
-from gateway.crypto import decrypt_secret
-from gateway.db import run_db
+from core.crypto import decrypt_secret
+from core.db import run_db
+from core.errors import GatewayError
 from gateway.destinations import api_base_problem
-from gateway.errors import GatewayError
 from gateway.models import ConfigVersion, ModelAlias, ModelDeployment, ModelGroup
 
 logger = logging.getLogger(__name__)
@@ -393,3 +394,13 @@ class RoutingTableHolder:
 
 
 routing_tables = RoutingTableHolder()
+
+
+def configured_unit_prices() -> Iterator[tuple[str, str, Prices]]:
+    """(provider, public model, prices) of every enabled deployment, for invoices."""
+    for row in ModelDeployment.objects.filter(enabled=True).order_by("id"):
+        try:
+            deployment = snapshot(row)
+        except Exception:  # noqa: S112 - informational only; a broken row must not block billing
+            continue
+        yield deployment.provider, row.name, deployment.prices

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ninja import Field, Schema
 from pydantic import field_validator
 
+from accounts.models import KeySecret, Team, VirtualKey
 from billing.pricing import micro_usd_to_str
-from gateway.models import KeySecret, ModelAlias, ModelDeployment, ModelGroup, Team, VirtualKey
+from gateway.models import ModelAlias, ModelDeployment, ModelGroup
 
 Period = Literal["daily", "weekly", "monthly", "total"]
 Money = Decimal
@@ -31,42 +31,6 @@ def _money_out(micro: int | None) -> str | None:
 
 def _price_out(value: Decimal | None) -> str | None:
     return None if value is None else format(value.normalize(), "f")
-
-
-T = TypeVar("T")
-
-
-class Page(Schema, Generic[T]):
-    items: list[T]
-    count: int
-    limit: int
-    offset: int
-
-
-class PageParams(Schema):
-    limit: int = Field(100, ge=1, le=500)
-    offset: int = Field(0, ge=0, le=1_000_000_000)
-
-    def of(self, queryset: Any, shape: Callable[[Any], T]) -> dict[str, Any]:
-        """One page of a queryset: only `limit` rows are fetched, plus a count."""
-        rows = queryset[self.offset : self.offset + self.limit]
-        return {
-            "items": [shape(row) for row in rows],
-            "count": queryset.count(),
-            "limit": self.limit,
-            "offset": self.offset,
-        }
-
-
-class ErrorDetail(Schema):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorOut(Schema):
-    error: ErrorDetail
 
 
 # --- models (deployments) ----------------------------------------------------------------------

@@ -6,18 +6,20 @@ claimed by compare-and-set and billed under request ids derived from the batch.
 
 from __future__ import annotations
 
-from config.celery import app, durable, time_limits
+from celery import shared_task
+
+from core.tasks import durable, time_limits
 from gateway import batches
 
 
 # A batch can outlast any limit: when this one interrupts a run, its line claims lapse
 # and gateway.batches_resume (beat, every minute) queues the rest; lines are claimed
 # by compare-and-set, so nothing runs twice.
-@app.task(name="gateway.batch_run", **durable(**time_limits(3600)))
+@shared_task(name="gateway.batch_run", **durable(**time_limits(3600)))
 def batch_run(batch_id: int) -> str:
     return batches.batch_process(batch_id=batch_id)
 
 
-@app.task(name="gateway.batches_resume", **durable())
+@shared_task(name="gateway.batches_resume", **durable())
 def batches_resume() -> list[int]:
     return batches.batches_resume()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import GatewayError, invalid_request
+from core.errors import GatewayError, invalid_request
 
 # Routing and credential overrides that litellm (or a provider SDK) would honour if
 # they reached it. Compared case-insensitively, at every depth of the body.

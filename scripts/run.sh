@@ -64,7 +64,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$PY" -m gateway.mock_upstream --host 127.0.0.1 --port "$MOCK_PORT" &
+"$PY" -m mock_upstream --host 127.0.0.1 --port "$MOCK_PORT" &
 MOCK_PID=$!
 PIDS+=("$MOCK_PID")
 

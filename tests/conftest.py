@@ -118,7 +118,7 @@ class MockUpstream:
 def mock_upstream() -> Iterator[MockUpstream]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.mock_upstream", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "mock_upstream", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )
@@ -257,19 +257,21 @@ def make_model(mock_upstream: MockUpstream) -> Any:
 
 @pytest.fixture
 def make_team() -> Any:
-    from gateway import services
 
     def make(name: str | None = None, **fields: Any) -> Any:
-        return services.team_create(name=name or f"team-{uuid.uuid4().hex[:8]}", **fields)
+        from accounts import services as account_services
+
+        return account_services.team_create(name=name or f"team-{uuid.uuid4().hex[:8]}", **fields)
 
     return make
 
 
 @pytest.fixture
 def make_key(make_team: Any) -> Any:
-    from gateway import services
 
     def make(team: Any = None, name: str = "test key", **fields: Any) -> Any:
-        return services.key_create(team=team or make_team(), name=name, **fields)
+        from accounts import services as account_services
+
+        return account_services.key_create(team=team or make_team(), name=name, **fields)
 
     return make

@@ -13,12 +13,12 @@ from django.http import HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 
+from accounts.models import Team
+from core.errors import GatewayError
 from dashboard import selectors
 from dashboard.access import DashboardRequest, Viewer
 from dashboard.selectors import Window
 from dashboard.services import DashboardError
-from gateway.errors import GatewayError
-from gateway.models import Team
 
 
 def page(

@@ -17,6 +17,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from billing import invoices
 from billing.models import Invoice, InvoiceStatus
+from core.errors import GatewayError
 from dashboard import selectors
 from dashboard.access import (
     DashboardRequest,
@@ -33,7 +34,6 @@ from dashboard.forms import (
 )
 from dashboard.selectors import InvoiceQuery
 from dashboard.views.common import choices, page, team_options
-from gateway.errors import GatewayError
 
 
 def _last_month() -> str:

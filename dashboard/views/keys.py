@@ -11,6 +11,10 @@ from django.shortcuts import redirect
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_http_methods, require_POST
 
+from accounts import services as account_services
+from accounts.models import Team, VirtualKey
+from accounts.services import IssuedKey
+from core.errors import GatewayError
 from dashboard import selectors
 from dashboard.access import (
     DashboardRequest,
@@ -23,10 +27,6 @@ from dashboard.access import (
 from dashboard.forms import KeyEditForm, KeyIssueForm, RotateForm
 from dashboard.selectors import KeyFilter
 from dashboard.views.common import form_error, page, posted, save_changes
-from gateway import services as gateway_services
-from gateway.errors import GatewayError
-from gateway.models import Team, VirtualKey
-from gateway.services import IssuedKey
 
 STATUSES = [("active", "Active"), ("revoked", "Revoked"), ("all", "All")]
 
@@ -92,7 +92,7 @@ def key_issue(request: DashboardRequest) -> HttpResponse:
         if bound and not team.has_member_key_policy:
             fields = {"expires_at": fields.get("expires_at")}
         try:
-            issued = gateway_services.key_create(
+            issued = account_services.key_create(
                 team=team,
                 name=form.cleaned_data["name"],
                 owner=request.user,
@@ -172,7 +172,7 @@ def key_edit(request: DashboardRequest, key_id: int) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         fields = {"name": form.cleaned_data["name"], **form.limit_fields()}
         update = partial(
-            gateway_services.key_update,
+            account_services.key_update,
             key=key,
             actor=request.user.username,
             as_member=request.viewer.bound_by_key_policy(key.team_id),
@@ -192,7 +192,7 @@ def key_edit(request: DashboardRequest, key_id: int) -> HttpResponse:
 @dashboard_view
 def key_revoke(request: DashboardRequest, key_id: int) -> HttpResponse:
     key = get_key_for_manager(request.viewer, key_id)
-    gateway_services.key_revoke(key=key, actor=request.user.username)
+    account_services.key_revoke(key=key, actor=request.user.username)
     messages.success(request, f"Key “{key.name}” revoked. Calls with it are refused from now on.")
     return redirect("dashboard:key", key_id=key.id)
 
@@ -206,7 +206,7 @@ def key_rotate(request: DashboardRequest, key_id: int) -> HttpResponse:
         messages.error(request, "Pick how long the old secret keeps working.")
         return redirect("dashboard:key", key_id=key.id)
     try:
-        issued = gateway_services.key_rotate(
+        issued = account_services.key_rotate(
             key=key,
             grace_seconds=form.cleaned_data["grace_seconds"],
             actor=request.user.username,

@@ -10,12 +10,12 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods, require_POST
 
+from core.errors import GatewayError
 from dashboard import selectors, services
 from dashboard.access import DashboardRequest, dashboard_view, require
 from dashboard.forms import AliasForm, DeploymentForm, GroupForm
 from dashboard.views.common import form_error, page, posted, save_changes
 from gateway import services as gateway_services
-from gateway.errors import GatewayError
 from gateway.models import ModelAlias, ModelDeployment, ModelGroup
 
 

@@ -6,13 +6,13 @@ from django.http import HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from accounts.models import Team
 from dashboard import charts, selectors
 from dashboard.access import DashboardRequest, dashboard_view
 from dashboard.formatting import usd_axis
 from dashboard.forms import OverviewFilter
 from dashboard.selectors import KeyFilter, UsageScope
 from dashboard.views.common import choices, default_window, page, team_options
-from gateway.models import Team
 
 BUDGETS_PER_PAGE = 6
 

@@ -11,6 +11,9 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods, require_POST
 
+from accounts import services as account_services
+from accounts.models import Membership, Team
+from core.errors import GatewayError
 from dashboard import selectors, services
 from dashboard.access import (
     DashboardRequest,
@@ -27,11 +30,7 @@ from dashboard.forms import (
     MemberRoleForm,
     TeamForm,
 )
-from dashboard.models import Membership
 from dashboard.views.common import form_error, page, posted, save_changes
-from gateway import services as gateway_services
-from gateway.errors import GatewayError
-from gateway.models import Team
 
 
 @require_http_methods(["GET"])
@@ -57,7 +56,7 @@ def team_create(request: DashboardRequest) -> HttpResponse:
     form = TeamForm(posted(request), initial={"alert_thresholds": "50, 80, 100"})
     if request.method == "POST" and form.is_valid():
         try:
-            team = gateway_services.team_create(actor=request.user.username, **form.to_fields())
+            team = account_services.team_create(actor=request.user.username, **form.to_fields())
         except (GatewayError, ValidationError) as exc:
             form_error(form, exc)
         else:
@@ -120,7 +119,7 @@ def team_edit(request: DashboardRequest, team_id: int) -> HttpResponse:
     team = get_team_for_config(request.viewer, team_id)
     form = TeamForm(posted(request), initial=TeamForm.initial_for(team))
     if request.method == "POST" and form.is_valid():
-        update = partial(gateway_services.team_update, team=team, actor=request.user.username)
+        update = partial(account_services.team_update, team=team, actor=request.user.username)
         if save_changes(
             request, form, team, form.to_fields(), update, saved="Team settings saved."
         ):
@@ -142,7 +141,7 @@ def team_key_policy(request: DashboardRequest, team_id: int) -> HttpResponse:
     form = KeyPolicyForm(posted(request), initial=KeyPolicyForm.initial_for(team))
     form.setup(models=selectors.model_names())
     if request.method == "POST" and form.is_valid():
-        update = partial(gateway_services.team_update, team=team, actor=request.user.username)
+        update = partial(account_services.team_update, team=team, actor=request.user.username)
         if save_changes(
             request, form, team, form.to_fields(), update, saved="Member key policy saved."
         ):

@@ -9,6 +9,7 @@ from datetime import UTC, timedelta
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_GET
 
+from accounts.models import Team, VirtualKey
 from billing.csv_export import csv_amount, safe_writer
 from dashboard import charts, selectors
 from dashboard.access import DashboardRequest, dashboard_view, get_key_for_viewer
@@ -16,7 +17,6 @@ from dashboard.formatting import compact, duration_ms, usd_axis
 from dashboard.forms import RequestLogFilter, UsageFilter
 from dashboard.selectors import LedgerScope, Series, SeriesRow, UsageScope, Window
 from dashboard.views.common import choices, default_window, page, team_options
-from gateway.models import Team, VirtualKey
 
 TABLE_PAGE_SIZE = 25
 

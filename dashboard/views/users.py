@@ -9,10 +9,10 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods, require_POST
 
+from accounts.models import StaffRole
 from dashboard import selectors, services
 from dashboard.access import DashboardRequest, dashboard_view, require
 from dashboard.forms import PlatformRoleForm, UserCreateForm
-from dashboard.models import StaffRole
 from dashboard.views.common import form_error, page, posted
 
 

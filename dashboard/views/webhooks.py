@@ -12,15 +12,15 @@ from django.shortcuts import redirect
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from accounts.models import Team
 from billing import notifications, webhooks
 from billing.models import WebhookEndpoint
+from core.errors import GatewayError
 from dashboard import selectors
 from dashboard.access import DashboardRequest, dashboard_view, get_team_for_notifications
 from dashboard.forms import AlertRecipientsForm, WebhookForm
 from dashboard.views.common import form_error, page, posted, save_changes
 from dashboard.views.teams import team_page
-from gateway.errors import GatewayError
-from gateway.models import Team
 
 DELIVERIES_PER_PAGE = 20
 

@@ -146,9 +146,9 @@ def test_it_reports_a_total_credit_that_never_resets(live_gateway, make_key):
 def test_it_refuses_a_missing_or_wrong_key(live_gateway, make_key):
     issued = make_key()
     revoked = make_key()
-    from gateway import services
+    from accounts import services as account_services
 
-    services.key_revoke(key=revoked.key)
+    account_services.key_revoke(key=revoked.key)
 
     assert openai_error(key_info(live_gateway, None), 401)["code"] == "missing_api_key"
     wrong = openai_error(key_info(live_gateway, issued.secret[:-2] + "xx"), 401)

@@ -22,6 +22,8 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 
+from accounts import services as account_services
+from accounts.models import Membership, PlatformRole, StaffRole, Team, TeamRole, VirtualKey
 from billing import invoices, rollups, webhooks
 from billing.ledger import AttemptRecord, ledger_write
 from billing.models import (
@@ -33,9 +35,8 @@ from billing.models import (
     WebhookEndpoint,
 )
 from billing.pricing import Usage
-from dashboard.models import Membership, PlatformRole, StaffRole, TeamRole
 from gateway import services
-from gateway.models import ModelAlias, ModelDeployment, ModelGroup, Team, VirtualKey
+from gateway.models import ModelAlias, ModelDeployment, ModelGroup
 
 PASSWORD = "correct horse battery staple"
 ROLES = ("anon", "root", "fiona", "alice", "bob", "charlie")
@@ -174,19 +175,19 @@ def world(db: Any, settings: Any) -> World:
     fiona = make_user("fiona")
     StaffRole.objects.create(user=fiona, role=PlatformRole.FINANCE)
     alice, bob, charlie, dave = (make_user(n) for n in ("alice", "bob", "charlie", "dave"))
-    acme = services.team_create(
+    acme = account_services.team_create(
         name="Acme", budget_micro_usd=100_000_000, alert_thresholds=[50, 80, 100]
     )
-    globex = services.team_create(name="Globex", budget_micro_usd=50_000_000)
+    globex = account_services.team_create(name="Globex", budget_micro_usd=50_000_000)
     memberships = {
         "alice": Membership.objects.create(user=alice, team=acme, role=TeamRole.ADMIN),
         "bob": Membership.objects.create(user=bob, team=acme, role=TeamRole.MEMBER),
         "charlie": Membership.objects.create(user=charlie, team=globex, role=TeamRole.ADMIN),
     }
     keys = {
-        "alice": services.key_create(team=acme, name="acme-prod", owner=alice).key,
-        "bob": services.key_create(team=acme, name="bob-laptop", owner=bob).key,
-        "charlie": services.key_create(team=globex, name="globex-prod", owner=charlie).key,
+        "alice": account_services.key_create(team=acme, name="acme-prod", owner=alice).key,
+        "bob": account_services.key_create(team=acme, name="bob-laptop", owner=bob).key,
+        "charlie": account_services.key_create(team=globex, name="globex-prod", owner=charlie).key,
     }
     # Nothing listens on port 9: a test call fails fast, which is all the matrix needs.
     deployment = services.deployment_create(

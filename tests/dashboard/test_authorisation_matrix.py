@@ -27,6 +27,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.db import transaction
 
+from accounts.models import KeySecret, Membership, StaffRole, Team, VirtualKey
 from billing.models import (
     Invoice,
     InvoiceLine,
@@ -35,16 +36,8 @@ from billing.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from dashboard.models import Membership, StaffRole
-from gateway.models import (
-    AuditEntry,
-    KeySecret,
-    ModelAlias,
-    ModelDeployment,
-    ModelGroup,
-    Team,
-    VirtualKey,
-)
+from core.models import AuditEntry
+from gateway.models import ModelAlias, ModelDeployment, ModelGroup
 from tests.dashboard.conftest import ROLES, World, month_ago
 from tests.gateway.support import check_each
 

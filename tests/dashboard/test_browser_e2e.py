@@ -24,9 +24,10 @@ import pytest
 from django.utils import timezone
 from openai import OpenAI
 
+from accounts import services as account_services
+from accounts.models import Membership, TeamRole
 from billing.ledger import AttemptRecord, ledger_write
 from billing.pricing import Usage
-from dashboard.models import Membership, TeamRole
 from gateway import services
 from tests.dashboard.conftest import PASSWORD, make_user
 from tests.gateway.support import wait_until
@@ -107,20 +108,20 @@ def test_it_issues_uses_and_revokes_a_key_in_the_browser(
     from playwright.sync_api import expect, sync_playwright
 
     model = make_model()
-    acme = services.team_create(
+    acme = account_services.team_create(
         name="Acme Robotics", budget_micro_usd=5_000_000, alert_thresholds=[50, 80, 100]
     )
-    globex = services.team_create(name="Globex Research", budget_micro_usd=25_000_000)
+    globex = account_services.team_create(name="Globex Research", budget_micro_usd=25_000_000)
     alice = make_user("alice")
     Membership.objects.create(user=alice, team=acme, role=TeamRole.ADMIN)
     seed_usage(
         acme,
         [
-            services.key_create(team=acme, name=name, owner=alice).key
+            account_services.key_create(team=acme, name=name, owner=alice).key
             for name in ("support-bot", "search-api", "nightly-evals")
         ],
     )
-    seed_usage(globex, [services.key_create(team=globex, name="globex-prod").key], days=12)
+    seed_usage(globex, [account_services.key_create(team=globex, name="globex-prod").key], days=12)
     base = live_gateway.url
     shot = tmp_path / "overview.png"
 
@@ -225,18 +226,20 @@ def test_it_shows_an_invoice_to_finance_in_the_browser(
 
     from playwright.sync_api import expect, sync_playwright
 
+    from accounts.models import PlatformRole, StaffRole
     from billing import invoices
-    from dashboard.models import PlatformRole, StaffRole
     from tests.dashboard.conftest import mid_month, month_ago
 
-    acme = services.team_create(
+    acme = account_services.team_create(
         name="Acme Robotics", budget_micro_usd=5_000_000_000, markup_percent=Decimal("12.5")
     )
     fiona = make_user("fiona")
     StaffRole.objects.create(user=fiona, role=PlatformRole.FINANCE)
     alice = make_user("alice")
     Membership.objects.create(user=alice, team=acme, role=TeamRole.ADMIN)
-    keys = [services.key_create(team=acme, name=n).key for n in ("support-bot", "search-api")]
+    keys = [
+        account_services.key_create(team=acme, name=n).key for n in ("support-bot", "search-api")
+    ]
     catalogue = [
         ("openai", "gpt-4o", 14_000),
         ("openai", "gpt-4o-mini", 900),

@@ -8,8 +8,8 @@ import re
 import pytest
 from django.core.management import call_command
 
+from accounts.models import Team, VirtualKey
 from billing.models import LedgerEntry
-from gateway.models import Team, VirtualKey
 
 pytestmark = pytest.mark.django_db
 

@@ -15,11 +15,13 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from accounts import services as account_services
+from accounts.models import KeySecret, Membership, Team, TeamRole, VirtualKey
 from billing import invoices, notifications, rollups, webhooks
 from billing.models import Invoice, LedgerEntry, WebhookDelivery, WebhookEndpoint
-from dashboard.models import Membership, TeamRole
-from gateway.crypto import decrypt_secret, hash_key_secret
-from gateway.models import AuditEntry, KeySecret, ModelDeployment, Team, VirtualKey
+from core.crypto import decrypt_secret, hash_key_secret
+from core.models import AuditEntry
+from gateway.models import ModelDeployment
 from tests.dashboard.conftest import (
     World,
     delivery,
@@ -490,8 +492,8 @@ def grow(world: World, n: int) -> None:
     from gateway import services
 
     for i in range(n):
-        team = services.team_create(name=f"bulk-{n}-{i}", budget_micro_usd=1_000_000)
-        key = services.key_create(team=team, name=f"bulk-key-{i}", owner=world.alice).key
+        team = account_services.team_create(name=f"bulk-{n}-{i}", budget_micro_usd=1_000_000)
+        key = account_services.key_create(team=team, name=f"bulk-key-{i}", owner=world.alice).key
         Membership.objects.create(user=world.alice, team=team, role=TeamRole.ADMIN)
         ledger_row(key, model=f"bulk-model-{i}", at=timezone.now() - timedelta(minutes=i + 1))
         services.deployment_create(name=f"bulk-model-{i}", provider_model=f"openai/bulk-{n}-{i}")
@@ -640,14 +642,13 @@ def test_it_adds_the_live_tail_to_the_rollups_exactly(world: World) -> None:
 
 def test_it_scopes_rollup_usage_to_what_each_viewer_sees(world: World) -> None:
     """Several teams (grouped results filtered per team) and a member's own keys."""
-    from gateway import services
 
-    initech = services.team_create(name="Initech")
-    hidden = services.team_create(name="Hidden")
+    initech = account_services.team_create(name="Initech")
+    hidden = account_services.team_create(name="Hidden")
     Membership.objects.create(user=world.alice, team=initech, role=TeamRole.ADMIN)
     Membership.objects.create(user=world.bob, team=hidden, role=TeamRole.MEMBER)
-    ledger_row(services.key_create(team=initech, name="i").key, model="gpt-initech", cost=7)
-    ledger_row(services.key_create(team=hidden, name="h").key, model="gpt-hidden", cost=9)
+    ledger_row(account_services.key_create(team=initech, name="i").key, model="gpt-initech", cost=7)
+    ledger_row(account_services.key_create(team=hidden, name="h").key, model="gpt-hidden", cost=9)
     rollups.rollups_update()
     ledger_row(world.alice_key, model="gpt-alice-tail", cost=11)  # after the cutoff
 
@@ -676,11 +677,10 @@ def test_it_groups_usage_by_tag(world: World) -> None:
 
 
 def test_it_shows_local_days_for_one_team_and_says_when_days_are_utc(world: World) -> None:
-    from gateway import services
 
-    paris = services.team_create(name="Paris", timezone="Europe/Paris")
+    paris = account_services.team_create(name="Paris", timezone="Europe/Paris")
     Membership.objects.create(user=world.charlie, team=paris, role=TeamRole.ADMIN)
-    key = services.key_create(team=paris, name="p").key
+    key = account_services.key_create(team=paris, name="p").key
     # 00:30 in Paris on the 2nd is 23:30 UTC (or 22:30 in summer) on the 1st.
     local = timezone.now().astimezone(ZoneInfo("Europe/Paris"))
     if local.day == 1:
@@ -701,9 +701,9 @@ def test_it_shows_local_days_for_one_team_and_says_when_days_are_utc(world: Worl
     assert wide.context["totals"].spend_micro_usd == 4_000_000
     # India's midnight falls on a half hour: hours cannot be regrouped, so UTC days too,
     # and every row still lands on a day of the chart.
-    kolkata = services.team_create(name="Kolkata", timezone="Asia/Kolkata")
+    kolkata = account_services.team_create(name="Kolkata", timezone="Asia/Kolkata")
     Membership.objects.create(user=world.charlie, team=kolkata, role=TeamRole.ADMIN)
-    ledger_row(services.key_create(team=kolkata, name="k").key, model="gpt-k", cost=5)
+    ledger_row(account_services.key_create(team=kolkata, name="k").key, model="gpt-k", cost=5)
     india = client.get(f"/overview/?team={kolkata.id}")
     data = india.context["data"]
     assert data.axis.utc_days and "Days are UTC days" in text(india)

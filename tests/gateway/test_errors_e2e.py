@@ -68,11 +68,11 @@ def test_it_refuses_an_unknown_key_through_the_sdk(live_gateway, make_model):
 
 
 def test_it_refuses_a_revoked_key(live_gateway, make_model, make_key):
-    from gateway import services
+    from accounts import services as account_services
 
     model = make_model()
     issued = make_key()
-    services.key_revoke(key=issued.key)
+    account_services.key_revoke(key=issued.key)
 
     response = chat(live_gateway.v1, issued.secret, body_for(model.name))
 

@@ -23,7 +23,7 @@ def tokens(text: str) -> int:
 @pytest.fixture(scope="session")
 def mock_url() -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.mock_upstream", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "mock_upstream", "--host", "127.0.0.1", "--port", "0"],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,

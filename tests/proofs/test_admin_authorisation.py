@@ -104,15 +104,17 @@ def build_world(make_team: Any, make_key: Any, make_model: Any, mock_upstream: A
 
 
 def _fresh_team(w: World) -> int:
-    from gateway import services
 
-    return int(services.team_create(name=_unique("authz-doomed")).id)
+    from accounts import services as account_services
+
+    return int(account_services.team_create(name=_unique("authz-doomed")).id)
 
 
 def _fresh_key(w: World) -> int:
-    from gateway import services
 
-    return int(services.key_create(team=w.team_a, name="doomed").key.id)
+    from accounts import services as account_services
+
+    return int(account_services.key_create(team=w.team_a, name="doomed").key.id)
 
 
 def _fresh_deployment(w: World) -> str:
@@ -282,7 +284,7 @@ def test_the_management_api_answers_only_the_admin_token(
 ):
     from django.contrib.auth.models import User
 
-    from dashboard.models import PlatformRole, StaffRole
+    from accounts.models import PlatformRole, StaffRole
 
     matrix = json.loads(MATRIX_PATH.read_text())
     assert tuple(matrix["roles"]) == ROLES
@@ -350,7 +352,7 @@ def test_the_management_api_answers_only_the_admin_token(
 
 
 def test_a_virtual_key_cannot_mint_or_rotate_keys(live_gateway, make_key):
-    from gateway.models import KeySecret, VirtualKey
+    from accounts.models import KeySecret, VirtualKey
 
     issued = make_key()
     before = (VirtualKey.objects.count(), KeySecret.objects.count())
@@ -434,7 +436,7 @@ def test_a_virtual_key_reads_only_its_own_spend(live_gateway, make_team, make_ke
 def test_dashboard_users_cannot_promote_themselves(live_gateway, make_team):
     from django.contrib.auth.models import User
 
-    from dashboard.models import Membership, StaffRole, TeamRole
+    from accounts.models import Membership, StaffRole, TeamRole
 
     acme, globex = make_team(name=_unique("acme")), make_team(name=_unique("globex"))
     alice, bob, charlie, dave = (

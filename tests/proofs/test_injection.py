@@ -204,10 +204,10 @@ def _queries(send: Recorder, p: str, team_id: int) -> None:
 
 
 def _void_reason(send: Recorder, p: str) -> None:
+    from accounts import services as account_services
     from billing import invoices
-    from gateway import services
 
-    team = services.team_create(name=f"invoiced {uuid.uuid4().hex[:8]}")
+    team = account_services.team_create(name=f"invoiced {uuid.uuid4().hex[:8]}")
     invoice = invoices.invoice_draft(team_id=team.id, year=2024, month=1)
     invoices.invoice_finalize(invoice_id=invoice.id)
     voided = send("POST", f"/invoices/{invoice.id}/void", json={"reason": p})
@@ -217,7 +217,8 @@ def _void_reason(send: Recorder, p: str) -> None:
 def test_payloads_in_every_admin_string_field_are_stored_verbatim_and_never_run(
     live_gateway, mock_upstream
 ):
-    from gateway.models import ModelDeployment, Team
+    from accounts.models import Team
+    from gateway.models import ModelDeployment
 
     team_ids = {}
     with live_gateway.admin() as admin:
@@ -260,9 +261,9 @@ def test_a_model_or_alias_named_with_a_slash_can_be_managed_by_path(live_gateway
 def test_the_dashboard_shows_payloads_escaped_not_evaluated(live_gateway):
     from django.contrib.auth.models import User
 
-    from gateway import services
+    from accounts import services as account_services
 
-    teams = {p: services.team_create(name=p) for p in PAYLOADS}
+    teams = {p: account_services.team_create(name=p) for p in PAYLOADS}
     root = User.objects.create_superuser(f"root-{uuid.uuid4().hex[:8]}", "r@example.com", PASSWORD)
     client = dashboard_login(live_gateway.url, root.username, PASSWORD)
     try:

@@ -40,7 +40,7 @@ def test_it_keeps_answering_small_requests_while_100k_tiny_messages_are_walked(
     model = make_model()
     secret = make_key().secret
     client = openai.OpenAI(base_url=live_gateway.v1, api_key=secret, max_retries=0, timeout=120)
-    messages = _many_tiny_messages()
+    messages: Any = _many_tiny_messages()
     client.chat.completions.create(
         model=model.name, messages=[{"role": "user", "content": "warm up"}], max_tokens=5
     )

@@ -189,8 +189,8 @@ def test_it_keeps_the_negative_cache_bounded_and_never_drops_known_keys(
 def test_it_accepts_a_key_issued_after_a_miss_within_the_negative_ttl(
     short_gateway: Any, make_key: Any
 ) -> None:
-    from gateway.crypto import hash_key_secret
-    from gateway.models import KeySecret
+    from accounts.models import KeySecret
+    from core.crypto import hash_key_secret
 
     issued = make_key()
     secret = _bad_secret()
@@ -311,7 +311,7 @@ def test_it_reads_the_tls_settings_from_the_environment_and_refuses_bad_values()
 
 
 def _entries(object_type: str, object_id: int) -> list[Any]:
-    from gateway.models import AuditEntry
+    from core.models import AuditEntry
 
     return list(
         AuditEntry.objects.filter(object_type=object_type, object_id=str(object_id)).order_by("id")
@@ -323,7 +323,7 @@ def test_it_audits_every_user_creation_and_role_grant_through_the_dashboard(
 ) -> None:
     from django.contrib.auth.models import User
 
-    from dashboard.models import Membership
+    from accounts.models import Membership
     from tests.proofs.support import dashboard_login, dashboard_post
 
     root_name = f"root-{uuid.uuid4().hex[:8]}"

@@ -341,10 +341,11 @@ def test_it_scopes_previous_response_id_to_the_team_and_counts_its_context(
 
     # A teammate may continue it; its context (input + output of the earlier turn, over
     # 3,000 tokens) is reserved and counted: a budget for the new prompt alone is refused.
-    from gateway import services
+
+    from accounts import services as account_services
 
     # 30,000 micro-USD is 3,000 tokens at $10/M.
-    services.key_update(key=bob.key, max_budget_micro_usd=30_000)
+    account_services.key_update(key=bob.key, max_budget_micro_usd=30_000)
     time.sleep(0.3)  # the gateway's key cache
     squeezed = _post(
         live_gateway,
@@ -374,7 +375,7 @@ def test_it_scopes_previous_response_id_to_the_team_and_counts_its_context(
     assert limited.status_code == 429, limited.text
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
 
-    services.key_update(key=bob.key, max_budget_micro_usd=10_000_000)
+    account_services.key_update(key=bob.key, max_budget_micro_usd=10_000_000)
     time.sleep(0.3)
     continued = _post(
         live_gateway,

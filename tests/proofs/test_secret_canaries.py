@@ -181,8 +181,8 @@ def fragments(secret: str, prefix_len: int) -> list[str]:
 def test_no_canary_secret_is_readable_anywhere_after_a_representative_flow(
     live_gateway, mock_upstream, make_team, worker, receiver, services_env
 ):
+    from accounts import services as account_services
     from billing import webhooks
-    from gateway import services
 
     hook_url, received = receiver
     tag = uuid.uuid4().hex[:10]
@@ -235,10 +235,10 @@ def test_no_canary_secret_is_readable_anywhere_after_a_representative_flow(
     # A credential changed by an update, then used.
     seen.add(admin.patch(f"/models/{gpt['id']}", json={"api_key": provider["new"]}), "rotate")
     team = make_team(name=f"canary-team-{tag}")
-    main = services.key_create(team=team, name="main")
-    revoked = services.key_create(team=team, name="revoked")
-    rotated = services.key_create(team=team, name="rotated")
-    renewed = services.key_rotate(key=rotated.key, grace_seconds=600)
+    main = account_services.key_create(team=team, name="main")
+    revoked = account_services.key_create(team=team, name="revoked")
+    rotated = account_services.key_create(team=team, name="rotated")
+    renewed = account_services.key_rotate(key=rotated.key, grace_seconds=600)
     seen.add(admin.delete(f"/keys/{revoked.key.id}"), "revoke")
     unknown = f"sk-gw-{uuid.uuid4().hex}{uuid.uuid4().hex}"
     with override_settings(GATEWAY_WEBHOOK_ALLOW_PRIVATE=True):

@@ -12,7 +12,7 @@ from django.test import override_settings
 from billing import webhooks
 from billing.models import BudgetAlert, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from billing.notifications import notification_settings_set
-from gateway.models import AuditEntry
+from core.models import AuditEntry
 from tests.billing import HELLO, output_priced_model, sdk
 from tests.workers.conftest import send_task, wait_for
 

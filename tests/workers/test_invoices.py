@@ -12,7 +12,7 @@ from django.utils import timezone
 from billing import invoices
 from billing.models import Invoice, InvoiceImmutable, InvoiceLine, LedgerEntry, WebhookDelivery
 from billing.pricing import Usage
-from gateway.models import AuditEntry
+from core.models import AuditEntry
 from tests.workers.conftest import send_task, wait_for
 from tests.workers.support import ledger_row, write
 

@@ -23,8 +23,8 @@ from django.test import Client
 from django.utils import timezone
 from openai import OpenAI
 
-from dashboard.models import Membership, TeamRole
-from gateway.models import AuditEntry, Team, VirtualKey
+from accounts.models import Membership, Team, TeamRole, VirtualKey
+from core.models import AuditEntry
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -272,9 +272,9 @@ def test_it_refuses_a_member_editing_or_rotating_their_key_past_the_caps(
 
     # The policy tightens: bob may not rotate a key now past it; the team admin may
     # still change it past the caps, and rotate it.
-    from gateway import services
+    from accounts import services as account_services
 
-    services.team_update(team=people.team, member_key_max_budget_micro_usd=1_000_000)
+    account_services.team_update(team=people.team, member_key_max_budget_micro_usd=1_000_000)
     secrets_before = key.secrets.count()
     response = bob.post(f"/keys/{key.id}/rotate/", {"grace_seconds": "0"}, follow=True)
     assert "a budget of at most $1.00" in response.content.decode()

@@ -25,11 +25,11 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 from django.utils import timezone
 
+from accounts import services as account_services
+from accounts.models import Team, VirtualKey
 from billing.ledger import AttemptRecord, ledger_write
 from billing.models import LedgerEntry
 from billing.pricing import Usage
-from gateway import services
-from gateway.models import Team, VirtualKey
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Command(BaseCommand):
         out = []
         for t in range(teams):
             name = f"Load team {t + 1:02d}"
-            team = Team.objects.filter(name=name).first() or services.team_create(
+            team = Team.objects.filter(name=name).first() or account_services.team_create(
                 name=name,
                 budget_micro_usd=(t % 4 + 1) * 2_500_000_000,  # $2,500 to $10,000 a month
                 alert_thresholds=[50, 80, 100],
@@ -132,7 +132,7 @@ class Command(BaseCommand):
             )
             existing = list(VirtualKey.objects.filter(team=team).order_by("id")[:per_team])
             for k in range(len(existing), per_team):
-                existing.append(services.key_create(team=team, name=f"service-{k + 1}").key)
+                existing.append(account_services.key_create(team=team, name=f"service-{k + 1}").key)
             out += [(team.id, key.id, team.markup_percent) for key in existing]
         return out
 

@@ -11,8 +11,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from accounts import services as account_services
+from accounts.models import Team, VirtualKey
 from gateway import services
-from gateway.models import ModelDeployment, Team, VirtualKey
+from gateway.models import ModelDeployment
 
 DEMO_TEAM = "Demo team"
 DEMO_KEY = "demo key"
@@ -57,7 +59,7 @@ class Command(BaseCommand):
             elif existing.api_base != api_base:
                 services.deployment_update(deployment=existing, api_base=api_base)
 
-        team = Team.objects.filter(name=DEMO_TEAM).first() or services.team_create(
+        team = Team.objects.filter(name=DEMO_TEAM).first() or account_services.team_create(
             name=DEMO_TEAM, budget_micro_usd=10_000_000, alert_thresholds=[50, 80, 100]
         )
         gateway_url = options["gateway_url"].rstrip("/")
@@ -67,7 +69,9 @@ class Command(BaseCommand):
                 "Issue another with the management API (POST /api/admin/keys)."
             )
             return
-        issued = services.key_create(team=team, name=DEMO_KEY, rpm_limit=600, tpm_limit=2_000_000)
+        issued = account_services.key_create(
+            team=team, name=DEMO_KEY, rpm_limit=600, tpm_limit=2_000_000
+        )
         self.stdout.write(
             f"""
 Demo team '{team.name}' with a $10.00 monthly budget, and a demo key (shown only this once):

@@ -1,4 +1,4 @@
-"""CLI: ``python -m gateway.mock_upstream --host 127.0.0.1 --port 9100``.
+"""CLI: ``python -m mock_upstream --host 127.0.0.1 --port 9100``.
 
 ``--port 0`` binds a free port; the ready line reports the real one, which is how the tests
 find the server: ``mock upstream listening on http://HOST:PORT``.
@@ -13,7 +13,7 @@ import sys
 
 import uvicorn
 
-from gateway.mock_upstream.app import app, install_log_filter
+from mock_upstream.app import app, install_log_filter
 
 
 class _Server(uvicorn.Server):
@@ -29,7 +29,7 @@ class _Server(uvicorn.Server):
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.mock_upstream",
+        prog="python -m mock_upstream",
         description="Mock OpenAI/Anthropic upstream LLM server.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,16 +1,14 @@
 """Errors the gateway answers with, and how they are rendered.
 
-Services raise `GatewayError`s; the API edge renders them once, in the OpenAI shape
-`{"error": {"message", "type", "param", "code"}}` or, on /v1/messages, in the
-Anthropic shape `{"type": "error", "error": {"type", "message"}}`.
+Services raise `GatewayError`s; the HTTP edges render them once, through
+`core.http.error_response`, in the OpenAI shape `{"error": {"message", "type",
+"param", "code"}}` or, on /v1/messages, in the Anthropic shape
+`{"type": "error", "error": {"type", "message"}}`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import orjson
-from django.http import HttpResponse
 
 # Anthropic names its error types differently; map ours onto theirs by status.
 _ANTHROPIC_TYPES = {
@@ -59,20 +57,6 @@ def invalid_request(
     message: str, *, param: str | None = None, code: str | None = None
 ) -> GatewayError:
     return GatewayError(message, 400, "invalid_request_error", code, param)
-
-
-def error_response(error: GatewayError, *, dialect: str = "openai") -> HttpResponse:
-    body = error.anthropic_body() if dialect == "anthropic" else error.openai_body()
-    response = HttpResponse(
-        orjson.dumps(body), status=error.status, content_type="application/json"
-    )
-    for name, value in error.headers.items():
-        response[name] = value
-    return response
-
-
-def dialect_for_path(path: str) -> str:
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
 # Errors the whole data plane shares.

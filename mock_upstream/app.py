@@ -1,6 +1,6 @@
 """The mock upstream LLM server: a raw ASGI app that speaks the OpenAI and Anthropic HTTP APIs.
 
-It is started standalone (``python -m gateway.mock_upstream``) by ``make run``, the test-suite
+It is started standalone (``python -m mock_upstream``) by ``make run``, the test-suite
 and the benchmark. It deliberately imports neither Django nor litellm and uses no web framework,
 so it starts in a fraction of a second and stays far cheaper per request than the gateway it
 stands behind.
@@ -771,7 +771,7 @@ class MockUpstream:
             await send_json(send, 200, orjson.dumps(entry))
         else:
             dialect = ANTHROPIC if path.startswith(("/v1/messages", "/messages")) else OPENAI
-            message = f"Unknown path {method} {path}; see gateway.mock_upstream for the routes."
+            message = f"Unknown path {method} {path}; see mock_upstream for the routes."
             await send_json(send, 404, error_body(dialect, 404, message))
 
     async def provider(

@@ -15,7 +15,6 @@ single query.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,13 +24,12 @@ from decimal import Decimal
 from django.conf import settings
 from django.http import HttpRequest
 from django.utils import timezone
-from ninja.security import HttpBearer
 
-from gateway import errors
-from gateway.crypto import hash_key_secret
-from gateway.db import run_db
-from gateway.errors import GatewayError
-from gateway.models import KeySecret
+from accounts.models import KeySecret
+from core import errors
+from core.crypto import hash_key_secret
+from core.db import run_db
+from core.errors import GatewayError
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,23 +189,3 @@ async def authenticate(request: HttpRequest) -> KeyPrincipal:
     if principal.secret_expires_at is not None and principal.secret_expires_at <= now:
         raise errors.invalid_key("This API key was rotated and its grace period has ended.")
     return principal
-
-
-# Recorded in the audit log for changes made through the management API (every router
-# guarded by AdminToken): the token names no person, so the API is the actor.
-ADMIN_ACTOR = "admin-api"
-
-
-class AdminToken(HttpBearer):
-    def authenticate(self, request: HttpRequest, token: str) -> str | None:
-        expected = settings.GATEWAY_ADMIN_TOKEN
-        if not expected:
-            raise GatewayError(
-                "The management API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.",
-                403,
-                "permission_error",
-                "admin_api_disabled",
-            )
-        if hmac.compare_digest(token.encode(), expected.encode()):
-            return "admin"
-        return None

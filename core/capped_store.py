@@ -24,7 +24,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway import redis_client
+from core import redis_client
 
 # The running total's field in the sizes hash; members are Redis key names ("gw:…").
 _TOTAL = "#bytes"

@@ -1,0 +1,235 @@
+"""Writes to accounts: teams and virtual keys (issue, change, rotate, revoke).
+
+Every change goes through a function here (never `.save()` at the edges), so that
+the audit log and the team's member key policy apply whatever the edge. Each
+function takes the `actor` to record: a dashboard user's name, "admin-api" for the
+management API, "system" for commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.models import KeySecret, Team, VirtualKey
+from core.audit import audit, snapshot
+from core.crypto import hash_key_secret, new_key_secret
+from core.errors import GatewayError, invalid_request
+
+# --- Teams ----------------------------------------------------------------------
+
+
+def team_create(*, name: str, actor: str = "system", **fields: Any) -> Team:
+    if Team.objects.filter(name=name).exists():
+        raise GatewayError(
+            f"A team named {name!r} already exists.", 409, code="conflict", param="name"
+        )
+    team = Team(name=name, **fields)
+    team.full_clean()
+    with transaction.atomic():
+        team.save()
+        audit(actor=actor, action="create", obj=team, before=None, team_id=team.id)
+    return team
+
+
+def team_update(*, team: Team, actor: str = "system", **fields: Any) -> Team:
+    name = fields.get("name")
+    if name and Team.objects.filter(name=name).exclude(id=team.id).exists():
+        raise GatewayError(
+            f"A team named {name!r} already exists.", 409, code="conflict", param="name"
+        )
+    before = snapshot(team)
+    for attr, value in fields.items():
+        setattr(team, attr, value)
+    team.full_clean()
+    with transaction.atomic():
+        team.save(update_fields=[*fields.keys(), "updated_at"])
+        audit(actor=actor, action="update", obj=team, before=before, team_id=team.id)
+    return team
+
+
+def team_delete(*, team: Team, actor: str = "system") -> None:
+    if team.keys.filter(revoked_at__isnull=True).exists():
+        raise GatewayError(
+            "The team still has active keys; revoke them before deleting the team.",
+            409,
+            code="conflict",
+        )
+    with transaction.atomic():
+        # Revoked keys keep their history in the ledger; remove their secrets first.
+        KeySecret.objects.filter(key__team=team).delete()
+        VirtualKey.objects.filter(team=team).delete()
+        before, team_id = snapshot(team), team.id
+        team.delete()
+        team.pk = team_id
+        audit(actor=actor, action="delete", obj=team, before=before, team_id=team_id)
+
+
+# --- Virtual keys -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key: VirtualKey
+    secret: str
+
+
+def _add_secret(key: VirtualKey) -> str:
+    secret = new_key_secret()
+    KeySecret.objects.create(key=key, secret_hash=hash_key_secret(secret), last4=secret[-4:])
+    return secret
+
+
+# Shortest first: a member key's budget may not reset more often than the team's.
+_PERIOD_RANK = {"daily": 0, "weekly": 1, "monthly": 2, "total": 3}
+
+
+def _policy_refusal(team: Team, param: str, message: str) -> GatewayError:
+    return GatewayError(
+        f"Team {team.name!r} caps the keys its members issue: {message}",
+        403,
+        "permission_error",
+        "key_policy_exceeded",
+        param,
+    )
+
+
+def _usd(micro: int) -> str:
+    return f"${Decimal(micro) / 1_000_000:,.2f}"
+
+
+def key_policy_check(*, team: Team, key: VirtualKey, created_at: datetime) -> None:
+    """Refuse a member's key that goes past its team's member key policy.
+
+    Called for keys a team member (not a team admin, not a platform admin) issues,
+    changes or rotates; the whole key is checked, so editing any field of a key
+    that is out of policy asks for it to be brought within the caps.
+    """
+    cap = team.member_key_max_budget_micro_usd
+    if cap is not None:
+        budget = key.max_budget_micro_usd
+        if budget is None or budget > cap:
+            raise _policy_refusal(
+                team,
+                "max_budget_micro_usd",
+                f"a budget of at most {_usd(cap)} per {team.budget_period} period is required "
+                f"(this key has {'none' if budget is None else _usd(budget)}).",
+            )
+        if _PERIOD_RANK[key.budget_period] < _PERIOD_RANK[team.budget_period]:
+            raise _policy_refusal(
+                team,
+                "budget_period",
+                f"the budget period must be {team.budget_period} or longer, not "
+                f"{key.budget_period}.",
+            )
+    for field, cap_value, label in (
+        ("rpm_limit", team.member_key_max_rpm, "requests per minute"),
+        ("tpm_limit", team.member_key_max_tpm, "tokens per minute"),
+    ):
+        value = getattr(key, field)
+        if cap_value is not None and (value is None or value > cap_value):
+            raise _policy_refusal(
+                team,
+                field,
+                f"a limit of at most {cap_value} {label} is required "
+                f"(this key has {'none' if value is None else value}).",
+            )
+    allowed = list(team.member_key_allowed_models or [])
+    if allowed:
+        outside = sorted(set(key.allowed_models or []) - set(allowed))
+        if not key.allowed_models or outside:
+            raise _policy_refusal(
+                team,
+                "allowed_models",
+                f"the key must be limited to models among {', '.join(allowed)}"
+                + (f" ({', '.join(outside)} is not)." if outside else " (it allows every model)."),
+            )
+    days = team.member_key_max_lifetime_days
+    if days is not None:
+        latest = created_at + timedelta(days=days)
+        if key.expires_at is None or key.expires_at > latest:
+            raise _policy_refusal(
+                team,
+                "expires_at",
+                f"the key must expire within {days} days of its creation, by "
+                f"{latest:%Y-%m-%d %H:%M} UTC.",
+            )
+
+
+def key_create(
+    *, team: Team, name: str, actor: str = "system", as_member: bool = False, **fields: Any
+) -> IssuedKey:
+    """Issue a key. `as_member`: the actor is a plain team member, bound by the team's policy."""
+    with transaction.atomic():
+        key = VirtualKey(team=team, name=name, **fields)
+        key.full_clean()
+        if as_member:
+            key_policy_check(team=team, key=key, created_at=timezone.now())
+        key.save()
+        secret = _add_secret(key)
+        audit(actor=actor, action="create", obj=key, before=None, team_id=team.id)
+    return IssuedKey(key=key, secret=secret)
+
+
+def key_update(
+    *, key: VirtualKey, actor: str = "system", as_member: bool = False, **fields: Any
+) -> VirtualKey:
+    before = snapshot(key)
+    for attr, value in fields.items():
+        setattr(key, attr, value)
+    key.full_clean()
+    if as_member:
+        # The team row is read afresh: a policy tightened a moment ago applies.
+        team = Team.objects.get(id=key.team_id)
+        key_policy_check(team=team, key=key, created_at=key.created_at)
+    with transaction.atomic():
+        key.save(update_fields=[*fields.keys(), "updated_at"])
+        audit(actor=actor, action="update", obj=key, before=before, team_id=key.team_id)
+    return key
+
+
+def key_revoke(*, key: VirtualKey, actor: str = "system") -> VirtualKey:
+    before = snapshot(key)
+    with transaction.atomic():
+        # Compare-and-set so two concurrent revokes record one revocation.
+        revoked = VirtualKey.objects.filter(id=key.id, revoked_at__isnull=True).update(
+            revoked_at=timezone.now(), updated_at=timezone.now()
+        )
+        key.refresh_from_db()
+        if revoked:
+            audit(actor=actor, action="revoke", obj=key, before=before, team_id=key.team_id)
+    return key
+
+
+def key_rotate(
+    *, key: VirtualKey, grace_seconds: int = 0, actor: str = "system", as_member: bool = False
+) -> IssuedKey:
+    if key.revoked_at is not None:
+        raise invalid_request("A revoked key cannot be rotated; issue a new key instead.")
+    if grace_seconds < 0:
+        raise invalid_request(
+            "grace_period_seconds must be 0 or more.", param="grace_period_seconds"
+        )
+    now = timezone.now()
+    with transaction.atomic():
+        locked = VirtualKey.objects.select_for_update().get(id=key.id)
+        if as_member:
+            # A fresh secret for a key out of policy would extend its use: bring it within first.
+            team = Team.objects.get(id=locked.team_id)
+            key_policy_check(team=team, key=locked, created_at=locked.created_at)
+        old_expiry: datetime = now + timedelta(seconds=grace_seconds)
+        # Secrets already expiring sooner keep their earlier expiry.
+        KeySecret.objects.filter(key=locked, expires_at__isnull=True).update(expires_at=old_expiry)
+        KeySecret.objects.filter(key=locked, expires_at__gt=old_expiry).update(
+            expires_at=old_expiry
+        )
+        before = snapshot(locked)
+        secret = _add_secret(locked)
+        locked.save(update_fields=["updated_at"])
+        audit(actor=actor, action="rotate", obj=locked, before=before, team_id=locked.team_id)
+    return IssuedKey(key=locked, secret=secret)
