@@ -49,9 +49,17 @@ def durable(**overrides: Any) -> dict[str, Any]:
 
 
 def send(name: str, *args: Any, countdown: float | None = None) -> None:
-    """Queue the task registered under `name` now (eagerly run when no broker is set)."""
-    # Through the registered task, not `send_task`: only the task honours eager mode.
-    current_app.tasks[name].apply_async(args, countdown=countdown)
+    """Queue the task registered under `name` now (run at once in eager mode, without a broker)."""
+    app = current_app
+    if app.conf.task_always_eager:
+        # Eager mode runs the task in this process, so its module must be loaded; a web
+        # process imports no tasks module of its own accord (only workers autodiscover).
+        app.loader.import_default_modules()
+        app.tasks[name].apply_async(args, countdown=countdown)
+    else:
+        # By name: routing (task_routes) and the task's options apply on the way and in
+        # the worker; this process needs neither the task nor its module.
+        app.send_task(name, args=args, countdown=countdown)
 
 
 def enqueue(name: str, *args: Any, countdown: float | None = None) -> None:
