@@ -105,17 +105,15 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final
 
 import orjson
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from mock_upstream.asgi import Receive, Scope, Send, read_body, send_json
+from mock_upstream.batches import BatchApi
 
 OPENAI: Final = "openai"
 ANTHROPIC: Final = "anthropic"
@@ -144,7 +142,6 @@ _FILLER_SENTENCE: Final = (
 _FILLER_WORDS: Final = _FILLER_SENTENCE.split()
 _FILLER_TEXT: Final = " " + _FILLER_SENTENCE
 
-_JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -639,16 +636,6 @@ def error_body(
     return openai_error_body(status, message, param, code)
 
 
-async def send_json(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    response_headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    if headers:
-        response_headers.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": response_headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def send_stream(send: Send, stream: Stream, controls: Controls) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
     delay = controls.chunk_delay_ms / 1000
@@ -665,18 +652,6 @@ async def send_stream(send: Send, stream: Stream, controls: Controls) -> None:
             if sent_content == drop_after:
                 raise DropConnection
     await send({"type": "http.response.body", "body": b""})
-
-
-async def read_body(receive: Receive) -> bytes:
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body"):
-        return body
-    parts = [body]
-    while message.get("more_body"):
-        message = await receive()
-        parts.append(message.get("body", b""))
-    return b"".join(parts)
 
 
 async def wait_for_disconnect(receive: Receive, seconds: float) -> bool:
@@ -725,9 +700,6 @@ class MockUpstream:
             ],
         }
         self.models_body = orjson.dumps(models)
-        # Imported here: the batch module builds on this module's helpers.
-        from mock_upstream.batches import BatchApi
-
         self.batches = BatchApi(self.run_batch_line, self.batch_by_model)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

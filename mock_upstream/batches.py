@@ -1,9 +1,10 @@
 """OpenAI Files and Batches, and Anthropic Message Batches, for the mock upstream.
 
-``app.MockUpstream`` dispatches here; every line of a batch is answered by the same handler
-(and fault controls) as a live call with that body, so a line's ``usage`` equals what a live
-call returns and billing can be checked against it. State is in memory, per process, bounded
-(oldest evicted first) and forgotten by POST /_mock/reset.
+``app.MockUpstream`` dispatches here (this module imports nothing from ``app``; the app hands
+it a line runner). Every line of a batch is answered by the same handler and fault controls as
+a live call with that body, so a line's ``usage`` equals what a live call returns and billing
+can be checked against it. State is in memory, per process, bounded (oldest evicted first)
+and forgotten by POST /_mock/reset.
 
 OpenAI routes (also without ``/v1``, and under Azure's ``/openai/...?api-version=``)
     POST   /v1/files                multipart ``file`` + ``purpose`` (assistants, batch,
@@ -100,16 +101,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from mock_upstream.app import (
-    ANTHROPIC,
-    OPENAI,
-    Receive,
-    Scope,
-    Send,
-    anthropic_error_body,
-    read_body,
-    send_json,
-)
+from mock_upstream.asgi import Receive, Scope, Send, read_body, send_json
 
 LineRunner = Callable[[str, dict[str, Any]], tuple[int, bytes]]
 # A bound route: awaits (status, body, headers or None for JSON) or raises ApiError.
@@ -161,6 +153,18 @@ def _bounded_put(store: OrderedDict[K, V], key: K, value: V, cap: int) -> None:
 
 def _count(store: OrderedDict[str, int], key: str) -> None:
     _bounded_put(store, key, store.get(key, 0) + 1, MAX_COUNTED_KEYS)
+
+
+OPENAI: Final = "openai"
+ANTHROPIC: Final = "anthropic"
+# Anthropic's error type per status, for the statuses these routes answer with.
+_ANTHROPIC_ERROR_TYPES: Final = {404: "not_found_error", 409: "invalid_request_error"}
+
+
+def anthropic_error(status: int, message: str) -> bytes:
+    kind = _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error")
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return orjson.dumps({**body, "request_id": _hex_id("req_")})
 
 
 def openai_error(
@@ -519,7 +523,7 @@ class BatchApi:
             status, body, headers = await route(scope, receive)
         except ApiError as exc:
             if dialect == ANTHROPIC:
-                body = anthropic_error_body(exc.status, exc.message)
+                body = anthropic_error(exc.status, exc.message)
             else:
                 body = openai_error(exc.status, exc.message, exc.param, exc.code)
             await send_json(send, exc.status, body)
