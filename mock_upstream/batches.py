@@ -59,6 +59,8 @@ Anthropic routes (also without ``/v1``)
 Progress (tests never sleep)
     advance=get      (default) each GET of the batch moves it one state before answering:
                      OpenAI needs three GETs from validating to completed, Anthropic one
+                     (the anthropic SDK's results() retrieves the batch first, so it counts);
+                     lists, file reads and results downloads never advance anything
     advance=instant  the first GET runs it to its end state
     advance=manual   only POST /_mock/batches/{id}/advance moves it (one state per call)
     expire=1         the batch expires instead of finishing (OpenAI: in_progress -> expired;
