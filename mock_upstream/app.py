@@ -11,6 +11,8 @@ Endpoints
     POST /v1/messages, /v1/messages/count_tokens                  Anthropic dialect
     GET  /v1/models                                               OpenAI model list
     GET  /_mock/stats, POST /_mock/reset, GET /health             test and ops helpers
+    /v1/files, /v1/batches (also under Azure's /openai/),         native batch APIs, in
+    /v1/messages/batches, /_mock/batch_stats, /_mock/batches/...  ``mock_upstream.batches``
 The provider paths are also accepted without the ``/v1`` prefix, for clients whose base URL
 already ends in ``/v1``.
 
@@ -88,7 +90,7 @@ Stats
     GET /_mock/stats -> {"total": N, "by_model": {model string: N}, "by_path": {path: N}}
     counting every POST that reached a provider path, faulted and rejected ones included (a
     request without a readable model counts in total and by_path only). POST /_mock/reset
-    zeroes the counts and forgets the Anthropic cache prefixes.
+    zeroes the counts and forgets the Anthropic cache prefixes, stored files and batches.
 """
 
 from __future__ import annotations
@@ -103,17 +105,15 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final
 
 import orjson
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from mock_upstream.asgi import Receive, Scope, Send, read_body, send_json
+from mock_upstream.batches import BatchApi
 
 OPENAI: Final = "openai"
 ANTHROPIC: Final = "anthropic"
@@ -142,7 +142,6 @@ _FILLER_SENTENCE: Final = (
 _FILLER_WORDS: Final = _FILLER_SENTENCE.split()
 _FILLER_TEXT: Final = " " + _FILLER_SENTENCE
 
-_JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -637,16 +636,6 @@ def error_body(
     return openai_error_body(status, message, param, code)
 
 
-async def send_json(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    response_headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    if headers:
-        response_headers.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": response_headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def send_stream(send: Send, stream: Stream, controls: Controls) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
     delay = controls.chunk_delay_ms / 1000
@@ -663,18 +652,6 @@ async def send_stream(send: Send, stream: Stream, controls: Controls) -> None:
             if sent_content == drop_after:
                 raise DropConnection
     await send({"type": "http.response.body", "body": b""})
-
-
-async def read_body(receive: Receive) -> bytes:
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body"):
-        return body
-    parts = [body]
-    while message.get("more_body"):
-        message = await receive()
-        parts.append(message.get("body", b""))
-    return b"".join(parts)
 
 
 async def wait_for_disconnect(receive: Receive, seconds: float) -> bool:
@@ -703,6 +680,9 @@ class MockUpstream:
         self.by_model: dict[str, int] = {}
         self.by_path: dict[str, int] = {}
         self.cache_prefixes: OrderedDict[bytes, None] = OrderedDict()
+        # Batch lines count apart from live calls, so a test can tell a native batch from
+        # lines the gateway ran live; fail_rate / fail_first on lines use these counts.
+        self.batch_by_model: dict[str, int] = {}
         provider: dict[str, tuple[str, Handler]] = {
             "/v1/chat/completions": (OPENAI, self.chat_completions),
             "/v1/completions": (OPENAI, self.completions),
@@ -720,6 +700,7 @@ class MockUpstream:
             ],
         }
         self.models_body = orjson.dumps(models)
+        self.batches = BatchApi(self.run_batch_line, self.batch_by_model)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -741,6 +722,8 @@ class MockUpstream:
         self.by_model.clear()
         self.by_path.clear()
         self.cache_prefixes.clear()
+        self.batch_by_model.clear()
+        self.batches.reset()
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -754,6 +737,8 @@ class MockUpstream:
                 await send_json(send, 405, body, [(b"allow", b"POST")])
                 return
             await self.provider(scope, receive, send, path, *route)
+            return
+        if await self.batches.dispatch(scope, receive, send, path, method):
             return
         if method == "GET" and path == "/health":
             await send_json(send, 200, b'{"status":"ok"}')
@@ -837,16 +822,35 @@ class MockUpstream:
             headers.append((b"retry-after", str(math.ceil(retry_after)).encode()))
             # The OpenAI and Anthropic SDKs prefer this precise header over Retry-After.
             headers.append((b"retry-after-ms", str(int(retry_after * 1000)).encode()))
-        if status == 429:
-            message = f"Rate limit reached for {model} (mock upstream status control)."
-        elif status == 529:
-            message = "Overloaded (mock upstream status control)."
-        elif controls.error_code in _CODED_ERRORS:
-            message = _CODED_ERRORS[controls.error_code]
-        else:
-            message = f"Mock upstream injected HTTP {status} for {model}."
-        body = error_body(dialect, status, message, code=controls.error_code)
+        body = fault_body(dialect, model, controls, status)
         await send_json(send, status, body, headers)
+
+    def run_batch_line(self, path: str, request: dict[str, Any]) -> tuple[int, bytes]:
+        """(status, body) that a live POST of ``request`` to ``path`` would get, for a batch line.
+
+        The same handlers and fault controls as live calls, so a line's usage equals a live
+        call's; latency, timeout and stream-shape controls mean nothing offline and are ignored.
+        """
+        dialect, handler = self.provider_routes[path]
+        model = request.get("model")
+        if not isinstance(model, str) or not model:
+            message = "model: Field required" if dialect == ANTHROPIC else "'model' is required."
+            return 400, error_body(dialect, 400, message, "model")
+        if request.get("stream"):
+            # Neither provider streams inside a batch.
+            message = "Streaming is not supported in batch requests; remove 'stream'."
+            return 400, error_body(dialect, 400, message, "stream")
+        seen = self.batch_by_model[model] = self.batch_by_model.get(model, 0) + 1
+        controls = parse_controls(model, [])
+        status = fault_status(controls, seen) if controls is not NO_CONTROLS else None
+        if status is not None:
+            return status, fault_body(dialect, model, controls, status)
+        try:
+            reply = handler(request, model, controls)
+        except BadRequest as exc:
+            return 400, error_body(dialect, 400, exc.message, exc.param, exc.code)
+        assert isinstance(reply, bytes), "stream was refused above"
+        return 200, reply
 
     # ---- Anthropic cache memory -------------------------------------------------------------
 
@@ -1767,6 +1771,19 @@ def responses_stream(response: dict[str, Any], output: Output, chunks: int) -> S
     final = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
     emit(final, {"response": response})
     return stream
+
+
+def fault_body(dialect: str, model: str, controls: Controls, status: int) -> bytes:
+    """The error body of an injected fault, live or on a batch line."""
+    if status == 429:
+        message = f"Rate limit reached for {model} (mock upstream status control)."
+    elif status == 529:
+        message = "Overloaded (mock upstream status control)."
+    elif controls.error_code in _CODED_ERRORS:
+        message = _CODED_ERRORS[controls.error_code]
+    else:
+        message = f"Mock upstream injected HTTP {status} for {model}."
+    return error_body(dialect, status, message, code=controls.error_code)
 
 
 def fault_status(controls: Controls, seen: int) -> int | None:
