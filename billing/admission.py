@@ -35,19 +35,20 @@ import math
 import secrets
 import time
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db.models import Sum
 from django.http.response import HttpResponseBase
 
-from billing import alerts
-from billing.models import LedgerEntry
+from billing import alerts, selectors
 from billing.periods import Period, current_period
 from billing.pricing import Prices, max_cost_micro_usd, micro_usd_to_str
 from core import redis_client
+from core.aio import spawn
+from core.backends import Backend, LuaScripts
 from core.db import run_db
 from core.errors import GatewayError
 
@@ -226,18 +227,14 @@ def unavailable() -> GatewayError:
 # --- the ledger as source of truth ---------------------------------------------------------------
 
 
-def ledger_spend(budget: Budget) -> int:
-    rows = LedgerEntry.objects.filter(
-        **({"key_id": budget.owner_id} if budget.scope == "key" else {"team_id": budget.owner_id})
-    )
-    if budget.period.start is not None:
-        rows = rows.filter(started_at__gte=budget.period.start, started_at__lt=budget.period.end)
-    return int(rows.aggregate(total=Sum("charged_cost_micro_usd"))["total"] or 0)
-
-
 async def _ledger_spend(budget: Budget) -> int:
     try:
-        return await run_db(ledger_spend, budget)
+        return await run_db(
+            selectors.period_spend,
+            scope=budget.scope,
+            owner_id=budget.owner_id,
+            period=budget.period,
+        )
     except Exception as exc:  # Postgres unreachable: no counter can be trusted yet
         raise GatewayError(
             "The budget cannot be checked: the gateway's database is unreachable. Retry shortly.",
@@ -384,19 +381,7 @@ return 1
 
 class RedisBackend:
     def __init__(self) -> None:
-        self._scripts: dict[int, tuple[Any, Any, Any]] = {}
-
-    def _script(self) -> tuple[Any, Any, Any]:
-        client = redis_client.client()
-        entry = self._scripts.get(id(client))
-        if entry is None:
-            entry = (
-                client.register_script(_ADMIT_LUA),
-                client.register_script(_SETTLE_LUA),
-                client.register_script(_INIT_LUA),
-            )
-            self._scripts[id(client)] = entry
-        return entry
+        self._scripts = LuaScripts(redis_client.client, _ADMIT_LUA, _SETTLE_LUA, _INIT_LUA)
 
     async def _guard(self, coro: Any) -> Any:
         try:
@@ -408,7 +393,7 @@ class RedisBackend:
     async def admit(
         self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
     ) -> list[Any]:
-        admit_script, _, init_script = self._script()
+        _, admit_script, _, init_script = self._scripts.get()
         keys = [RESERVATIONS_ZSET, RESERVATIONS_HASH]
         keys += [b.redis_key for b in budgets]
         keys += [limit.redis_key for limit in limits]
@@ -436,7 +421,7 @@ class RedisBackend:
 
     async def settle(self, ticket: Ticket, actual: int) -> list[int]:
         """Settle; returns each budget's spend after it (-1 if not counted, [] if a repeat)."""
-        _, settle_script, _ = self._script()
+        _, _, settle_script, _ = self._scripts.get()
         result = await self._guard(
             settle_script(
                 keys=[RESERVATIONS_ZSET, RESERVATIONS_HASH, *ticket.budget_keys],
@@ -564,14 +549,7 @@ class LocalBackend:
         """Nothing to do: held reservations are never swept (see _sweep)."""
 
 
-_backend: RedisBackend | LocalBackend | None = None
-
-
-def backend() -> RedisBackend | LocalBackend:
-    global _backend
-    if _backend is None:
-        _backend = RedisBackend() if settings.REDIS_URL else LocalBackend()
-    return _backend
+backend = Backend[RedisBackend | LocalBackend](redis=RedisBackend, local=LocalBackend)
 
 
 # --- leases: a reservation lives as long as the request that holds it ----------------------
@@ -710,7 +688,6 @@ async def admit(
     return ticket
 
 
-_retries: set[asyncio.Task[Any]] = set()
 SETTLE_RETRY_DELAYS = (0.5, 1, 2, 4, 8, 16, 32)
 
 
@@ -730,12 +707,6 @@ async def _settle_later(ticket: Ticket, actual: int) -> None:
         ticket.reservation_id,
         actual,
     )
-
-
-def _spawn(coro: Any) -> None:
-    task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
-    _retries.add(task)
-    task.add_done_callback(_retries.discard)
 
 
 async def _settle_now(ticket: Ticket, actual: int) -> None:
@@ -760,7 +731,7 @@ async def _settle_now(ticket: Ticket, actual: int) -> None:
         )
     if found:
         # Recorded off the request's path; a fresh context lets it outlive the request.
-        _spawn(run_db(alerts.alerts_record, found))
+        spawn(run_db(alerts.alerts_record, found))
 
 
 async def settle(ticket: Ticket, actual_micro_usd: int) -> None:
@@ -776,7 +747,7 @@ async def settle(ticket: Ticket, actual_micro_usd: int) -> None:
     try:
         await _settle_now(ticket, actual_micro_usd)
     except GatewayError:
-        _spawn(_settle_later(ticket, actual_micro_usd))
+        spawn(_settle_later(ticket, actual_micro_usd))
 
 
 async def release(ticket: Ticket) -> None:
@@ -807,35 +778,59 @@ redis.call('EXPIRE', KEYS[2], 120, 'NX')
 return 1
 """
 
-_local_deployment_counts: dict[str, int] = {}
 
-
-async def deployment_take(
-    deployment_id: str, rpm: int | None, tpm: int | None, tokens: int
-) -> float | None:
-    """Count one request against a deployment's rpm/tpm for this minute.
-
-    Returns None when it fits, else the seconds until the minute (and the limit) resets.
-    """
+def _minute(deployment_id: str) -> tuple[list[str], float]:
+    """This minute's request and token counter keys, and the seconds until it ends."""
     now_s = time.time()
     window = int(now_s // 60) * 60
     rest = 60 - (now_s - window)
-    keys = [f"gw:dep:{deployment_id}:r:{window}", f"gw:dep:{deployment_id}:t:{window}"]
-    if settings.REDIS_URL:
-        client = redis_client.client()
+    return [f"gw:dep:{deployment_id}:r:{window}", f"gw:dep:{deployment_id}:t:{window}"], rest
+
+
+class RedisDeploymentLimits:
+    def __init__(self) -> None:
+        self._scripts = LuaScripts(redis_client.client, _DEPLOYMENT_LUA)
+
+    async def take(self, deployment_id: str, rpm: int, tpm: int, tokens: int) -> float | None:
+        keys, rest = _minute(deployment_id)
+        _, script = self._scripts.get()
         try:
-            taken = await redis_client.guarded(
-                client.eval(_DEPLOYMENT_LUA, 2, *keys, rpm or 0, tpm or 0, tokens)
-            )
+            taken = await redis_client.guarded(script(keys=keys, args=[rpm, tpm, tokens]))
         except redis_client.RedisUnavailable as exc:
             raise unavailable() from exc
         return None if int(taken) else rest
-    requests = _local_deployment_counts.get(keys[0], 0)
-    used = _local_deployment_counts.get(keys[1], 0)
-    if (rpm and requests + 1 > rpm) or (tpm and used + tokens > tpm):
-        return rest
-    if len(_local_deployment_counts) > 10_000:
-        _local_deployment_counts.clear()
-    _local_deployment_counts[keys[0]] = requests + 1
-    _local_deployment_counts[keys[1]] = used + tokens
-    return None
+
+
+class LocalDeploymentLimits:
+    """The same counts in the process; `take` never awaits, so it is atomic."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    async def take(self, deployment_id: str, rpm: int, tpm: int, tokens: int) -> float | None:
+        keys, rest = _minute(deployment_id)
+        requests = self.counts.get(keys[0], 0)
+        used = self.counts.get(keys[1], 0)
+        if (rpm and requests + 1 > rpm) or (tpm and used + tokens > tpm):
+            return rest
+        if len(self.counts) > 10_000:
+            self.counts.clear()
+        self.counts[keys[0]] = requests + 1
+        self.counts[keys[1]] = used + tokens
+        return None
+
+
+_deployment_limits = Backend[RedisDeploymentLimits | LocalDeploymentLimits](
+    redis=RedisDeploymentLimits, local=LocalDeploymentLimits
+)
+
+
+def deployment_take(
+    deployment_id: str, rpm: int | None, tpm: int | None, tokens: int
+) -> Awaitable[float | None]:
+    """Count one request against a deployment's rpm/tpm for this minute.
+
+    Resolves to None when it fits, else the seconds until the minute (and the limit)
+    resets. Not a coroutine itself: the backend's is awaited directly, one frame less.
+    """
+    return _deployment_limits().take(deployment_id, rpm or 0, tpm or 0, tokens)

@@ -1,4 +1,4 @@
-"""Reads of the ledger: spend per period and model, and filtered pages of rows."""
+"""Reads of the ledger: spend this period (in total and per model), and filtered pages of rows."""
 
 from __future__ import annotations
 
@@ -39,16 +39,27 @@ def ledger_rows(filters: LedgerFilter) -> QuerySet[LedgerEntry]:
     return rows.order_by("-started_at", "-id")
 
 
-def _in_period(rows: QuerySet[LedgerEntry], period: Period) -> QuerySet[LedgerEntry]:
+def _period_rows(*, scope: str, owner_id: int, period: Period) -> QuerySet[LedgerEntry]:
+    """The ledger rows of one team (or key) in one budget period."""
+    rows = LedgerEntry.objects.filter(**{"key_id" if scope == "key" else "team_id": owner_id})
     if period.start is not None:
         rows = rows.filter(started_at__gte=period.start, started_at__lt=period.end)
     return rows
 
 
+def period_spend(*, scope: str, owner_id: int, period: Period) -> int:
+    """Spend this period: what a team (or key) was charged in it, in micro-USD.
+
+    Read from the ledger, the source of truth (admission fills its counters from it).
+    """
+    rows = _period_rows(scope=scope, owner_id=owner_id, period=period)
+    return int(rows.aggregate(total=Sum("charged_cost_micro_usd"))["total"] or 0)
+
+
 def spend_by_model(*, scope: str, owner_id: int, period: Period) -> list[dict[str, Any]]:
-    rows = LedgerEntry.objects.filter(**{"key_id" if scope == "key" else "team_id": owner_id})
+    """`period_spend` split by model, with token counts; its rows sum to period_spend."""
     grouped = (
-        _in_period(rows, period)
+        _period_rows(scope=scope, owner_id=owner_id, period=period)
         .values("model")
         .annotate(
             requests=Count("id"),

@@ -20,8 +20,6 @@ import uuid
 from io import BytesIO
 from typing import IO, Any
 
-import orjson
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 from django.conf import settings
@@ -35,7 +33,7 @@ full_site = get_asgi_application()
 # Imported once at start-up (litellm takes seconds to import), never per request.
 import gateway.proxy  # noqa: E402, F401
 from core.errors import body_too_large  # noqa: E402
-from core.http import dialect_for_path  # noqa: E402
+from core.http import dialect_for_path, error_body  # noqa: E402
 from gateway import upstream  # noqa: E402
 
 
@@ -178,13 +176,7 @@ def _body_limit(path: str) -> int:
 
 
 async def _refuse_too_large(scope: dict[str, Any], send: Any, limit: int) -> None:
-    error = body_too_large(limit)
-    body = (
-        error.anthropic_body()
-        if dialect_for_path(scope["path"]) == "anthropic"
-        else error.openai_body()
-    )
-    payload = orjson.dumps(body)
+    payload = error_body(body_too_large(limit), dialect_for_path(scope["path"]))
     await send(
         {
             "type": "http.response.start",

@@ -20,11 +20,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
 
 from core import redis_client
+from core.backends import Backend, LuaScripts
 
 # The running total's field in the sizes hash; members are Redis key names ("gw:…").
 _TOTAL = "#bytes"
@@ -100,36 +100,27 @@ class RedisCappedStore:
 
     def __init__(self, prefix: str, client: Callable[[], aioredis.Redis]) -> None:
         self.prefix = prefix
-        self._client = client
-        self._scripts: dict[int, tuple[Any, Any]] = {}
+        self._scripts = LuaScripts(client, _SET_LUA, _DELETE_LUA)
 
     def _index_keys(self, team_id: int) -> list[str]:
         return [f"{self.prefix}:idx:{team_id}", f"{self.prefix}:sz:{team_id}"]
-
-    def _script(self) -> tuple[aioredis.Redis, Any, Any]:
-        client = self._client()
-        entry = self._scripts.get(id(client))
-        if entry is None:
-            entry = (client.register_script(_SET_LUA), client.register_script(_DELETE_LUA))
-            self._scripts[id(client)] = entry
-        return client, entry[0], entry[1]
 
     async def set(
         self, team_id: int, key: str, value: bytes, ttl: int, caps: Caps, *, nx: bool = False
     ) -> int:
         """STORED, EXISTS (nx and the key is taken) or TOO_LARGE (nothing stored)."""
-        _, set_script, _ = self._script()
+        _, set_script, _ = self._scripts.get()
         args = [value, ttl, time.time_ns(), caps.max_entries, caps.max_bytes, int(nx)]
         keys = [key, *self._index_keys(team_id)]
         return int(await redis_client.guarded(set_script(keys=keys, args=args)))
 
     async def get(self, team_id: int, key: str) -> bytes | None:
-        client, _, _ = self._script()
+        client, _, _ = self._scripts.get()
         value = await redis_client.guarded(client.get(key))
         return value.encode() if isinstance(value, str) else value
 
     async def delete(self, team_id: int, key: str) -> None:
-        _, _, delete_script = self._script()
+        _, _, delete_script = self._scripts.get()
         await redis_client.guarded(delete_script(keys=[key, *self._index_keys(team_id)]))
 
 
@@ -184,3 +175,11 @@ class LocalCappedStore:
         team = self.teams.get(team_id)
         if team is not None:
             self._pop(team, key)
+
+
+CappedStore = LocalCappedStore | RedisCappedStore
+
+
+def capped_store(prefix: str, client: Callable[[], aioredis.Redis]) -> Backend[CappedStore]:
+    """The store for keys under `prefix`: on the given Redis role, or in the process."""
+    return Backend(redis=lambda: RedisCappedStore(prefix, client), local=LocalCappedStore)

@@ -1,4 +1,4 @@
-"""Rendering a GatewayError as an HTTP response: the one error response builder."""
+"""JSON responses: the one error response builder, and plain JSON bodies."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ from django.http import HttpResponse
 from core.errors import GatewayError
 
 
+def json_response(data: object, status: int = 200) -> HttpResponse:
+    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_body(error: GatewayError, dialect: str = "openai") -> bytes:
+    """The error's JSON body in the dialect's shape (for an edge that writes raw ASGI)."""
+    return orjson.dumps(error.anthropic_body() if dialect == "anthropic" else error.openai_body())
+
+
 def error_response(error: GatewayError, *, dialect: str = "openai") -> HttpResponse:
-    body = error.anthropic_body() if dialect == "anthropic" else error.openai_body()
     response = HttpResponse(
-        orjson.dumps(body), status=error.status, content_type="application/json"
+        error_body(error, dialect), status=error.status, content_type="application/json"
     )
     for name, value in error.headers.items():
         response[name] = value

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from ninja import Router
@@ -18,6 +17,7 @@ from ninja import Router
 from accounts.auth import authenticate
 from core.db import run_db_atomic
 from core.errors import invalid_request
+from core.http import json_response
 from gateway import batches, files, proxy
 from gateway.routing import routing_tables
 
@@ -47,10 +47,6 @@ _BODY_DOC = {
         "description": "The OpenAI request body, as the official SDK sends it.",
     }
 }
-
-
-def _json(data: object, status: int = 200) -> HttpResponse:
-    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json")
 
 
 def _limit(request: HttpRequest, default: int, most: int) -> int:
@@ -97,7 +93,7 @@ async def file_create(request: HttpRequest) -> HttpResponse:
         purpose=purpose,
         upload=upload,
     )
-    return _json(files.file_out(row))
+    return json_response(files.file_out(row))
 
 
 @router.get("/files", summary="List the team's files")
@@ -114,21 +110,21 @@ async def file_list(request: HttpRequest) -> HttpResponse:
         limit=_limit(request, 100, 10_000),
         newest_first=order == "desc",
     )
-    return _json(_page([files.file_out(r) for r in rows], more))
+    return json_response(_page([files.file_out(r) for r in rows], more))
 
 
 @router.get("/files/{file_id}", summary="Describe a file")
 async def file_get(request: HttpRequest, file_id: str) -> HttpResponse:
     principal = await authenticate(request)
     row = await run_db_atomic(files.file_get, principal=principal, file_id=file_id)
-    return _json(files.file_out(row))
+    return json_response(files.file_out(row))
 
 
 @router.delete("/files/{file_id}", summary="Delete a file")
 async def file_delete(request: HttpRequest, file_id: str) -> HttpResponse:
     principal = await authenticate(request)
     row = await run_db_atomic(files.file_delete, principal=principal, file_id=file_id)
-    return _json({"id": row.public_id, "object": "file", "deleted": True})
+    return json_response({"id": row.public_id, "object": "file", "deleted": True})
 
 
 @router.get("/files/{file_id}/content", summary="Download a file's content")
@@ -159,7 +155,7 @@ async def batch_create(request: HttpRequest) -> HttpResponse:
         metadata=body.get("metadata"),
     )
     found = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch.public_id)
-    return _json(batches.batch_out(found))
+    return json_response(batches.batch_out(found))
 
 
 @router.get("/batches", summary="List the team's batches, newest first")
@@ -171,18 +167,18 @@ async def batch_list(request: HttpRequest) -> HttpResponse:
         after=request.GET.get("after") or None,
         limit=_limit(request, 20, 100),
     )
-    return _json(_page([batches.batch_out(r) for r in rows], more))
+    return json_response(_page([batches.batch_out(r) for r in rows], more))
 
 
 @router.get("/batches/{batch_id}", summary="Retrieve a batch")
 async def batch_get(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
     batch = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch_id)
-    return _json(batches.batch_out(batch))
+    return json_response(batches.batch_out(batch))
 
 
 @router.post("/batches/{batch_id}/cancel", summary="Cancel a batch")
 async def batch_cancel(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
     batch = await run_db_atomic(batches.batch_cancel, principal=principal, batch_id=batch_id)
-    return _json(batches.batch_out(batch))
+    return json_response(batches.batch_out(batch))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import orjson
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from ninja import Router
@@ -10,6 +9,7 @@ from ninja import Router
 from accounts.auth import authenticate
 from billing.api import SpendOut, spend_report
 from core.errors import GatewayError
+from core.http import json_response
 from gateway import catalog, dialects, proxy
 from gateway.routing import routing_tables
 
@@ -22,10 +22,6 @@ _BODY_DOC = {
         "description": "The OpenAI request body, as the official SDK sends it.",
     }
 }
-
-
-def _json(data: object, status: int = 200) -> HttpResponse:
-    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json")
 
 
 @router.post("/chat/completions", openapi_extra=_BODY_DOC, summary="Create a chat completion")
@@ -67,14 +63,14 @@ async def messages(request: HttpRequest) -> HttpResponseBase:
     tags=["Anthropic-compatible"],
 )
 async def count_tokens(request: HttpRequest) -> HttpResponse:
-    return _json(await proxy.count_message_tokens(request))
+    return json_response(await proxy.count_message_tokens(request))
 
 
 @router.get("/models", summary="List the models this key may use")
 async def list_models(request: HttpRequest) -> HttpResponse:
     principal = await authenticate(request)
     table = await routing_tables.get()
-    return _json({"object": "list", "data": catalog.models_for(table, principal)})
+    return json_response({"object": "list", "data": catalog.models_for(table, principal)})
 
 
 @router.get("/models/{path:model_id}", summary="Describe one model")
@@ -89,7 +85,7 @@ async def get_model(request: HttpRequest, model_id: str) -> HttpResponse:
             "model_not_found",
             "model",
         )
-    return _json(catalog.model_card(table, model_id))
+    return json_response(catalog.model_card(table, model_id))
 
 
 def _budget_view(report: SpendOut | None) -> dict[str, object] | None:
@@ -124,7 +120,7 @@ async def key_info(request: HttpRequest) -> HttpResponse:
             period_kind=principal.team_budget_period,
             tz=principal.team_timezone,
         )
-    return _json(
+    return json_response(
         {
             "object": "key",
             "id": principal.key_id,

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 
 from core.db import run_db
-
-
-def _json(data: object, status: int = 200) -> HttpResponse:
-    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json")
+from core.http import json_response
 
 
 async def live(request: HttpRequest) -> HttpResponse:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 def _db_ping() -> None:
@@ -55,6 +51,6 @@ async def ready(request: HttpRequest) -> HttpResponse:
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
     healthy = all(value == "ok" for value in checks.values())
-    return _json(
+    return json_response(
         {"status": "ok" if healthy else "unavailable", "checks": checks}, 200 if healthy else 503
     )

@@ -30,7 +30,7 @@ import orjson
 from django.conf import settings
 
 from core import redis_client
-from core.capped_store import STORED, Caps, LocalCappedStore, RedisCappedStore
+from core.capped_store import STORED, Caps, capped_store
 from core.errors import GatewayError, invalid_request
 
 TTL_SECONDS = 24 * 3600
@@ -106,18 +106,7 @@ def _decode(raw: bytes) -> tuple[str, Stored | None]:
     )
 
 
-_store: LocalCappedStore | RedisCappedStore | None = None
-
-
-def _backend() -> LocalCappedStore | RedisCappedStore:
-    global _store
-    if _store is None:
-        _store = (
-            RedisCappedStore("gw:idem", redis_client.client)
-            if settings.REDIS_URL
-            else LocalCappedStore()
-        )
-    return _store
+_backend = capped_store("gw:idem", redis_client.client)
 
 
 def _caps() -> Caps:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
-import orjson
 from django.http import HttpRequest, HttpResponse
 from django.utils.decorators import sync_and_async_middleware
 
 from core.errors import GatewayError
-from core.http import dialect_for_path
+from core.http import dialect_for_path, error_response
 
 _API_ROOTS = ("/v1", "/api", "/health")
 
@@ -33,9 +32,7 @@ def _as_api_error(request: HttpRequest, response: HttpResponse) -> HttpResponse:
         "invalid_request_error" if status < 500 else "server_error",
         {404: "not_found", 405: "method_not_allowed"}.get(status, "internal_error"),
     )
-    dialect = dialect_for_path(request.path)
-    body = error.anthropic_body() if dialect == "anthropic" else error.openai_body()
-    replacement = HttpResponse(orjson.dumps(body), status=status, content_type="application/json")
+    replacement = error_response(error, dialect=dialect_for_path(request.path))
     if status == 405 and response.has_header("Allow"):
         replacement["Allow"] = response["Allow"]
     return replacement

@@ -25,7 +25,7 @@ from django.http import HttpRequest
 from accounts.auth import KeyPrincipal
 from billing.pricing import Usage
 from core import redis_client
-from core.capped_store import TOO_LARGE, Caps, LocalCappedStore, RedisCappedStore
+from core.capped_store import TOO_LARGE, Caps, capped_store
 
 logger = logging.getLogger(__name__)
 
@@ -109,18 +109,7 @@ def _decode(raw: bytes) -> Entry:
     )
 
 
-_store: LocalCappedStore | RedisCappedStore | None = None
-
-
-def _backend() -> LocalCappedStore | RedisCappedStore:
-    global _store
-    if _store is None:
-        _store = (
-            RedisCappedStore("gw:cache", redis_client.cache_client)
-            if settings.REDIS_URL
-            else LocalCappedStore()
-        )
-    return _store
+_backend = capped_store("gw:cache", redis_client.cache_client)
 
 
 async def lookup(key: CacheKey) -> Entry | None:
