@@ -18,7 +18,8 @@ from ninja import Router
 from accounts.auth import authenticate
 from core.db import run_db_atomic
 from core.errors import invalid_request
-from gateway import batches, files, proxy
+from gateway import batch_shapes, batches, files
+from gateway import http as edge
 from gateway.routing import routing_tables
 
 router = Router(tags=["Batch API (OpenAI-compatible)"])
@@ -147,7 +148,7 @@ async def file_content(request: HttpRequest, file_id: str) -> HttpResponseBase:
 @router.post("/batches", openapi_extra=_BODY_DOC, summary="Create a batch")
 async def batch_create(request: HttpRequest) -> HttpResponse:
     principal = await authenticate(request)
-    body = proxy.parse_json_body(request)
+    body = edge.parse_json_body(request)
     table = await routing_tables.get()
     batch = await run_db_atomic(
         batches.batch_create,
@@ -159,7 +160,7 @@ async def batch_create(request: HttpRequest) -> HttpResponse:
         metadata=body.get("metadata"),
     )
     found = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch.public_id)
-    return _json(batches.batch_out(found))
+    return _json(batch_shapes.batch_out(found))
 
 
 @router.get("/batches", summary="List the team's batches, newest first")
@@ -171,18 +172,18 @@ async def batch_list(request: HttpRequest) -> HttpResponse:
         after=request.GET.get("after") or None,
         limit=_limit(request, 20, 100),
     )
-    return _json(_page([batches.batch_out(r) for r in rows], more))
+    return _json(_page([batch_shapes.batch_out(r) for r in rows], more))
 
 
 @router.get("/batches/{batch_id}", summary="Retrieve a batch")
 async def batch_get(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
     batch = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch_id)
-    return _json(batches.batch_out(batch))
+    return _json(batch_shapes.batch_out(batch))
 
 
 @router.post("/batches/{batch_id}/cancel", summary="Cancel a batch")
 async def batch_cancel(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
     batch = await run_db_atomic(batches.batch_cancel, principal=principal, batch_id=batch_id)
-    return _json(batches.batch_out(batch))
+    return _json(batch_shapes.batch_out(batch))

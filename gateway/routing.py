@@ -68,7 +68,7 @@ _never_follow_redirects()
 def _never_download_media() -> None:
     """Turn off litellm's download of image/file URLs it inlines for some providers.
 
-    The gateway refuses such requests before routing (proxy.refuse_media_downloads);
+    The gateway refuses such requests before routing (flow.refuse_media_downloads);
     this is the second lock, for any part shape that check does not know. Zero is
     litellm's own documented "disable image URL handling" value of this limit, read
     at call time from this module.
@@ -344,7 +344,7 @@ def build_table(config: _Config) -> RoutingTable:
             model_list=model_list,
             routing_strategy=table.policies.get(name, DEFAULT_POLICY).strategy,
             num_retries=0,
-            # Cooldowns are opened by the gateway's own circuit breaker (gateway.proxy).
+            # Cooldowns are opened by the gateway's own circuit breaker (gateway.breaker, fed by gateway.flow).
             allowed_fails=1_000_000,
             timeout=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
             set_verbose=False,
