@@ -22,6 +22,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.conf import settings
+from django.db.models import F
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -104,6 +105,17 @@ def _load(secret_hash: str) -> KeyPrincipal | None:
         cache_ttl_seconds=key.cache_ttl_seconds or team.cache_ttl_seconds,
         owner_id=key.owner_id,
     )
+
+
+def principal_for_key(key_id: int) -> KeyPrincipal | None:
+    """The key as auth sees it, found by id (a batch worker has no secret to present)."""
+    # The key's current secret (the one without an expiry first) identifies it.
+    secret = (
+        KeySecret.objects.filter(key_id=key_id)
+        .order_by(F("expires_at").desc(nulls_first=True), "-created_at")
+        .first()
+    )
+    return _load(secret.secret_hash) if secret is not None else None
 
 
 async def _principal(secret_hash: str) -> KeyPrincipal | None:

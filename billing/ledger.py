@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from django.db.models import Count, Max, Q
+
 from billing.models import LedgerEntry, LedgerStatus
 from billing.pricing import Usage
 
@@ -80,3 +82,15 @@ def ledger_write(records: list[AttemptRecord]) -> None:
     a redelivered task harmless: the unique constraint decides, not hope.
     """
     LedgerEntry.objects.bulk_create([r.to_model() for r in records], ignore_conflicts=True)
+
+
+def attempts_so_far(request_id: str) -> tuple[int, bool]:
+    """A request's last attempt number in the ledger, and whether one was answered.
+
+    A batch line that runs again numbers its attempts on from here, so its provider
+    calls never reuse a (request_id, attempt) that the ledger would drop.
+    """
+    found = LedgerEntry.objects.filter(request_id=request_id).aggregate(
+        last=Max("attempt"), answered=Count("id", filter=Q(status=LedgerStatus.SUCCESS))
+    )
+    return found["last"] or 0, bool(found["answered"])

@@ -31,7 +31,7 @@ from django.urls import set_script_prefix
 full_site = get_asgi_application()
 
 # Imported once at start-up (litellm takes seconds to import), never per request.
-import gateway.proxy  # noqa: E402, F401
+import gateway.http  # noqa: E402, F401
 from core.errors import body_too_large  # noqa: E402
 from core.http import dialect_for_path, error_body  # noqa: E402
 from gateway import upstream  # noqa: E402

@@ -18,7 +18,8 @@ from accounts.auth import authenticate
 from core.db import run_db_atomic
 from core.errors import invalid_request
 from core.http import json_response
-from gateway import batches, files, proxy
+from gateway import batch_shapes, batches, files
+from gateway import http as edge
 from gateway.routing import routing_tables
 
 router = Router(tags=["Batch API (OpenAI-compatible)"])
@@ -143,7 +144,7 @@ async def file_content(request: HttpRequest, file_id: str) -> HttpResponseBase:
 @router.post("/batches", openapi_extra=_BODY_DOC, summary="Create a batch")
 async def batch_create(request: HttpRequest) -> HttpResponse:
     principal = await authenticate(request)
-    body = proxy.parse_json_body(request)
+    body = edge.parse_json_body(request)
     table = await routing_tables.get()
     batch = await run_db_atomic(
         batches.batch_create,
@@ -155,7 +156,7 @@ async def batch_create(request: HttpRequest) -> HttpResponse:
         metadata=body.get("metadata"),
     )
     found = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch.public_id)
-    return json_response(batches.batch_out(found))
+    return json_response(batch_shapes.batch_out(found))
 
 
 @router.get("/batches", summary="List the team's batches, newest first")
@@ -167,18 +168,18 @@ async def batch_list(request: HttpRequest) -> HttpResponse:
         after=request.GET.get("after") or None,
         limit=_limit(request, 20, 100),
     )
-    return json_response(_page([batches.batch_out(r) for r in rows], more))
+    return json_response(_page([batch_shapes.batch_out(r) for r in rows], more))
 
 
 @router.get("/batches/{batch_id}", summary="Retrieve a batch")
 async def batch_get(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
     batch = await run_db_atomic(batches.batch_get, principal=principal, batch_id=batch_id)
-    return json_response(batches.batch_out(batch))
+    return json_response(batch_shapes.batch_out(batch))
 
 
 @router.post("/batches/{batch_id}/cancel", summary="Cancel a batch")
 async def batch_cancel(request: HttpRequest, batch_id: str) -> HttpResponse:
     principal = await authenticate(request)
     batch = await run_db_atomic(batches.batch_cancel, principal=principal, batch_id=batch_id)
-    return json_response(batches.batch_out(batch))
+    return json_response(batch_shapes.batch_out(batch))

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible data plane under /v1. Thin: the flow lives in gateway.proxy."""
+"""The OpenAI-compatible data plane under /v1. Thin: the HTTP edge is gateway.http, the flow
+gateway.flow."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from accounts.auth import authenticate
 from billing.api import SpendOut, spend_report
 from core.errors import GatewayError
 from core.http import json_response
-from gateway import catalog, dialects, proxy
+from gateway import catalog, dialects
+from gateway import http as edge
 from gateway.routing import routing_tables
 
 router = Router(tags=["OpenAI-compatible"])
@@ -26,24 +28,24 @@ _BODY_DOC = {
 
 @router.post("/chat/completions", openapi_extra=_BODY_DOC, summary="Create a chat completion")
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
-    return await proxy.handle(request, dialects.CHAT)
+    return await edge.handle(request, dialects.CHAT)
 
 
 @router.post("/completions", openapi_extra=_BODY_DOC, summary="Create a legacy completion")
 async def completions(request: HttpRequest) -> HttpResponseBase:
-    return await proxy.handle(request, dialects.COMPLETIONS)
+    return await edge.handle(request, dialects.COMPLETIONS)
 
 
 @router.post("/embeddings", openapi_extra=_BODY_DOC, summary="Create embeddings")
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
-    return await proxy.handle(request, dialects.EMBEDDINGS)
+    return await edge.handle(request, dialects.EMBEDDINGS)
 
 
 @router.post(
     "/responses", openapi_extra=_BODY_DOC, summary="Create a model response (Responses API)"
 )
 async def responses(request: HttpRequest) -> HttpResponseBase:
-    return await proxy.handle(request, dialects.RESPONSES)
+    return await edge.handle(request, dialects.RESPONSES)
 
 
 @router.post(
@@ -53,7 +55,7 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
     tags=["Anthropic-compatible"],
 )
 async def messages(request: HttpRequest) -> HttpResponseBase:
-    return await proxy.handle(request, dialects.MESSAGES)
+    return await edge.handle(request, dialects.MESSAGES)
 
 
 @router.post(
@@ -63,7 +65,7 @@ async def messages(request: HttpRequest) -> HttpResponseBase:
     tags=["Anthropic-compatible"],
 )
 async def count_tokens(request: HttpRequest) -> HttpResponse:
-    return json_response(await proxy.count_message_tokens(request))
+    return json_response(await edge.count_message_tokens(request))
 
 
 @router.get("/models", summary="List the models this key may use")

@@ -67,7 +67,7 @@ def _never_follow_redirects() -> None:
 def _never_download_media() -> None:
     """Turn off litellm's download of image/file URLs it inlines for some providers.
 
-    The gateway refuses such requests before routing (proxy.refuse_media_downloads);
+    The gateway refuses such requests before routing (gateway.flow.refuse_media_downloads);
     this is the second lock, for any part shape that check does not know. Zero is
     litellm's own documented "disable image URL handling" value of this limit, read
     at call time from this module.

@@ -1,7 +1,7 @@
 """What differs between the endpoints the gateway serves.
 
 Chat completions, legacy completions, embeddings, the Responses API and
-Anthropic's Messages API share one flow (gateway.proxy). Each `Endpoint` here
+Anthropic's Messages API share one flow (gateway.flow). Each `Endpoint` here
 says how to validate its body, count its prompt, find its usage (in a JSON body
 or in a stream's events), call a provider on the pass-through or the litellm
 path, and report an error inside a stream in its own dialect.
@@ -333,7 +333,7 @@ class Endpoint:
     # model's maximum output applies).
     requested_output: Callable[[dict[str, Any]], int | None]
     # How many answers one request generates (and the provider bills): `n`, `best_of`,
-    # a list of prompts. proxy.max_output multiplies the cap by it, capped or not.
+    # a list of prompts. flow._max_output multiplies the cap by it, capped or not.
     answers: Callable[[dict[str, Any]], int]
     usage_from_json: Callable[[dict[str, Any]], Usage | None]
     tracker: type[Tracker]

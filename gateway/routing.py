@@ -292,7 +292,7 @@ def build_table(config: _Config) -> RoutingTable:
             model_list=model_list,
             routing_strategy=table.policies.get(name, DEFAULT_POLICY).strategy,
             num_retries=0,
-            # Cooldowns are opened by the gateway's own circuit breaker (gateway.proxy).
+            # Cooldowns are opened by the gateway's own circuit breaker (gateway.breaker).
             allowed_fails=1_000_000,
             timeout=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
             set_verbose=False,

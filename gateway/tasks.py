@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from core.tasks import durable, time_limits
-from gateway import batches
+from gateway import batch_runner
 
 
 # A batch can outlast any limit: when this one interrupts a run, its line claims lapse
@@ -17,9 +17,9 @@ from gateway import batches
 # by compare-and-set, so nothing runs twice.
 @shared_task(name="gateway.batch_run", **durable(**time_limits(3600)))
 def batch_run(batch_id: int) -> str:
-    return batches.batch_process(batch_id=batch_id)
+    return batch_runner.batch_process(batch_id=batch_id)
 
 
 @shared_task(name="gateway.batches_resume", **durable())
 def batches_resume() -> list[int]:
-    return batches.batches_resume()
+    return batch_runner.batches_resume()
