@@ -22,8 +22,8 @@ from accounts.models import (
     alert_thresholds_check,
     timezone_check,
 )
+from accounts.services import PLATFORM_ROLES
 from billing.webhooks import EVENT_TYPES as WEBHOOK_EVENT_TYPES
-from dashboard.services import PLATFORM_ROLES
 from gateway.destinations import api_base_problem
 from gateway.models import RoutingStrategy
 from gateway.services import FALLBACK_FIELDS, fallback_problem, money_to_micro
