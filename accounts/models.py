@@ -13,9 +13,12 @@ usage.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 
 
@@ -25,6 +28,30 @@ class BudgetPeriod(models.TextChoices):
     MONTHLY = "monthly"
     # A one-off prepaid credit that never resets.
     TOTAL = "total"
+
+
+# --- Team rules: the one place each is written (the admin API and the dashboard forms
+# both reach them, through Team.clean() or by calling them for an early message).
+
+
+def timezone_check(value: str) -> str:
+    """`value` if it is an IANA timezone name; raises ValidationError otherwise."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(
+            f"'{value}' is not a timezone name; use one like Europe/Paris or UTC."
+        ) from None
+    return value
+
+
+def alert_thresholds_check(values: Iterable[int]) -> list[int]:
+    """Percentages of the budget, sorted and without repeats; raises ValidationError
+    when one is outside 1..1000."""
+    thresholds = list(values)
+    if any(not 1 <= t <= 1000 for t in thresholds):
+        raise ValidationError("Each threshold must be between 1 and 1000 percent.")
+    return sorted(set(thresholds))
 
 
 class Team(models.Model):
@@ -65,6 +92,19 @@ class Team(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        errors: dict[str, ValidationError] = {}
+        try:
+            timezone_check(self.timezone)
+        except ValidationError as exc:
+            errors["timezone"] = exc
+        try:
+            self.alert_thresholds = alert_thresholds_check(self.alert_thresholds or [])
+        except ValidationError as exc:
+            errors["alert_thresholds"] = exc
+        if errors:
+            raise ValidationError(errors)
 
     @property
     def has_member_key_policy(self) -> bool:

@@ -1,4 +1,5 @@
-"""Writes to accounts: teams and virtual keys (issue, change, rotate, revoke).
+"""Writes to accounts: teams, virtual keys (issue, change, rotate, revoke), team
+memberships, users and platform roles.
 
 Every change goes through a function here (never `.save()` at the edges), so that
 the audit log and the team's member key policy apply whatever the edge. Each
@@ -8,15 +9,26 @@ management API, "system" for commands.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.db import transaction
+from django.contrib.auth.models import User
+from django.contrib.auth.password_validation import validate_password
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from accounts.models import KeySecret, Team, VirtualKey
+from accounts.models import (
+    KeySecret,
+    Membership,
+    PlatformRole,
+    StaffRole,
+    Team,
+    TeamRole,
+    VirtualKey,
+)
 from core.audit import audit, snapshot
 from core.crypto import hash_key_secret, new_key_secret
 from core.errors import GatewayError, invalid_request
@@ -233,3 +245,163 @@ def key_rotate(
         locked.save(update_fields=["updated_at"])
         audit(actor=actor, action="rotate", obj=locked, before=before, team_id=locked.team_id)
     return IssuedKey(key=locked, secret=secret)
+
+
+def _conflict(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(message, 409, code="conflict", param=param)
+
+
+# --- Memberships --------------------------------------------------------------------------------
+
+
+def membership_add(*, team: Team, user: User, role: str, actor: str) -> Membership:
+    if role not in TeamRole.values:
+        raise invalid_request(f"Unknown role {role!r}.", param="role")
+    try:
+        with transaction.atomic():
+            # The unique constraint, not the check, decides between two concurrent adds.
+            membership = Membership.objects.create(team=team, user=user, role=role)
+            audit(actor=actor, action="create", obj=membership, before=None, team_id=team.id)
+    except IntegrityError:
+        raise _conflict(f"{user.username} is already in {team.name}.", "username") from None
+    return membership
+
+
+def membership_set_role(*, membership: Membership, role: str, actor: str) -> Membership:
+    if role not in TeamRole.values:
+        raise invalid_request(f"Unknown role {role!r}.", param="role")
+    with transaction.atomic():
+        # Locked so two admins demoting each other cannot leave the team with none.
+        locked = Membership.objects.select_for_update().get(id=membership.id)
+        if locked.role == role:
+            return locked
+        if locked.role == TeamRole.ADMIN and not _other_admins(locked):
+            raise _conflict("A team keeps at least one admin; promote someone else first.")
+        before = snapshot(locked)
+        locked.role = role
+        locked.save(update_fields=["role"])
+        audit(actor=actor, action="update", obj=locked, before=before, team_id=locked.team_id)
+    return locked
+
+
+def membership_remove(*, membership: Membership, actor: str) -> None:
+    with transaction.atomic():
+        locked = Membership.objects.select_for_update().get(id=membership.id)
+        if locked.role == TeamRole.ADMIN and not _other_admins(locked):
+            raise _conflict("A team keeps at least one admin; promote someone else first.")
+        before, pk, team_id = snapshot(locked), locked.pk, locked.team_id
+        locked.delete()
+        locked.pk = pk
+        audit(actor=actor, action="delete", obj=locked, before=before, team_id=team_id)
+
+
+def _other_admins(membership: Membership) -> bool:
+    return (
+        Membership.objects.select_for_update()
+        .filter(team_id=membership.team_id, role=TeamRole.ADMIN)
+        .exclude(id=membership.id)
+        .exists()
+    )
+
+
+# --- Users and platform roles ---------------------------------------------------------------------
+
+PLATFORM_ROLES = {
+    "": "No platform role",
+    "finance": "Finance (invoices; read-only elsewhere)",
+    "admin": "Platform admin",
+}
+
+
+def user_create(
+    *, username: str, email: str, password: str, platform_role: str, actor: str
+) -> User:
+    if User.objects.filter(username__iexact=username).exists():
+        raise _conflict(f"The username {username!r} is taken.", "username")
+    user = User(username=username, email=email)
+    try:
+        validate_password(password, user)
+    except Exception as exc:
+        messages = getattr(exc, "messages", [str(exc)])
+        raise invalid_request(" ".join(messages), param="password") from None
+    token = _creating_user.set(True)
+    try:
+        with transaction.atomic():
+            user.set_password(password)
+            user.save()
+            _apply_platform_role(user, platform_role)
+            audit(actor=actor, action="create", obj=user, before=None, after=user_snapshot(user))
+    finally:
+        _creating_user.reset(token)
+    return user
+
+
+def user_set_platform_role(*, user: User, platform_role: str, actor_user: User) -> User:
+    if platform_role not in PLATFORM_ROLES:
+        raise invalid_request(f"Unknown platform role {platform_role!r}.", param="platform_role")
+    if user.pk == actor_user.pk and platform_role != "admin":
+        # Nobody locks themselves (possibly the last platform admin) out by accident.
+        raise invalid_request(
+            "You cannot remove your own platform admin role.", param="platform_role"
+        )
+    with transaction.atomic():
+        # Locked so two admins changing one user's role record each change in order.
+        user = User.objects.select_for_update().get(id=user.id)
+        before = user_snapshot(user)
+        _apply_platform_role(user, platform_role)
+        after = user_snapshot(user)
+        if after != before:
+            audit(actor=actor_user.username, action="update", obj=user, before=before, after=after)
+    return user
+
+
+def user_snapshot(user: User) -> dict[str, Any]:
+    """What the audit log keeps about a user: who they are and what they may do.
+
+    Never the password hash (a generic snapshot of the row would include it).
+    """
+    finance = StaffRole.objects.filter(user_id=user.id, role=PlatformRole.FINANCE).exists()
+    return {
+        "username": user.username,
+        "email": user.email,
+        "is_active": user.is_active,
+        "platform_role": platform_role_of(user, {user.id} if finance else set()),
+    }
+
+
+# Set while user_create runs, so the catch-all below does not record its user twice.
+_creating_user: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "creating_user", default=False
+)
+ACTOR_OUTSIDE_DASHBOARD = "outside-dashboard"
+
+
+def audit_user_created_elsewhere(*, user: User) -> None:
+    """Record a user created without user_create (createsuperuser, a shell, a command)."""
+    if _creating_user.get():
+        return
+    audit(
+        actor=ACTOR_OUTSIDE_DASHBOARD,
+        action="create",
+        obj=user,
+        before=None,
+        after=user_snapshot(user),
+    )
+
+
+def _apply_platform_role(user: User, platform_role: str) -> None:
+    superuser = platform_role == "admin"
+    if user.is_superuser != superuser or user.is_staff != superuser:
+        user.is_superuser = superuser
+        user.is_staff = superuser
+        user.save(update_fields=["is_superuser", "is_staff"])
+    if platform_role == "finance":
+        StaffRole.objects.update_or_create(user=user, defaults={"role": PlatformRole.FINANCE})
+    else:
+        StaffRole.objects.filter(user=user).delete()
+
+
+def platform_role_of(user: User, finance_ids: set[int]) -> str:
+    if user.is_superuser:
+        return "admin"
+    return "finance" if user.id in finance_ids else ""

@@ -20,6 +20,7 @@ class LedgerFilter:
     status: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    tag: str | None = None  # rows carrying this tag among theirs
 
 
 def ledger_rows(filters: LedgerFilter) -> QuerySet[LedgerEntry]:
@@ -32,6 +33,8 @@ def ledger_rows(filters: LedgerFilter) -> QuerySet[LedgerEntry]:
         rows = rows.filter(model=filters.model)
     if filters.status:
         rows = rows.filter(status=filters.status)
+    if filters.tag:
+        rows = rows.filter(tags__contains=[filters.tag])
     if filters.since is not None:
         rows = rows.filter(started_at__gte=filters.since)
     if filters.until is not None:

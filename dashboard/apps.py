@@ -22,6 +22,6 @@ def _user_saved(
     sender: type[Any], instance: Any, created: bool, raw: bool = False, **_: Any
 ) -> None:
     if created and not raw:
-        from dashboard import services
+        from accounts import services
 
         services.audit_user_created_elsewhere(user=instance)

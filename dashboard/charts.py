@@ -2,6 +2,9 @@
 
 Each chart is an inline `<svg>` with a viewBox (so it scales to its card), gridlines
 at "nice" values, and a `<title>` on every bar and point for hover tooltips.
+
+The time axes come first: a `Window` (the dates a page covers, in a timezone) and the
+`Axis` of buckets a chart draws over it, with how billing.usage's buckets fall in them.
 """
 
 from __future__ import annotations
@@ -9,9 +12,158 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
 
+from django.utils import timezone
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
+
+from billing.periods import current_period, zone
+
+# --- time axes: windows and chart buckets ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A half-open UTC interval [since, until), shown in `tz`."""
+
+    since: datetime
+    until: datetime
+    tz: ZoneInfo
+    label: str
+
+    @property
+    def days(self) -> float:
+        return (self.until - self.since).total_seconds() / 86400
+
+    @property
+    def first_day(self) -> date:
+        return self.since.astimezone(self.tz).date()
+
+    @property
+    def last_day(self) -> date:
+        return (self.until - timedelta(microseconds=1)).astimezone(self.tz).date()
+
+
+def period_window(kind: str, tz_name: str, now: datetime | None = None) -> Window:
+    """The current budget period of that kind; a never-resetting credit shows this month."""
+    now = now or timezone.now()
+    period = current_period("monthly" if kind == "total" else kind, tz_name, now)
+    assert period.start is not None and period.end is not None
+    label = {"daily": "Today", "weekly": "This week"}.get(kind, "This month")
+    return Window(period.start, period.end, zone(tz_name), label)
+
+
+def trailing_window(days: int, tz_name: str, now: datetime | None = None) -> Window:
+    """The last `days` calendar days in `tz`, today included."""
+    now = now or timezone.now()
+    tz = zone(tz_name)
+    today = now.astimezone(tz).date()
+    return day_window(today - timedelta(days=days - 1), today, tz_name, f"Last {days} days")
+
+
+def day_window(first: date, last: date, tz_name: str, label: str = "") -> Window:
+    tz = zone(tz_name)
+    since = datetime(first.year, first.month, first.day, tzinfo=tz).astimezone(UTC)
+    after = last + timedelta(days=1)
+    until = datetime(after.year, after.month, after.day, tzinfo=tz).astimezone(UTC)
+    return Window(since, until, tz, label or f"{first:%d %b %Y} to {last:%d %b %Y}")
+
+
+# Regrouping hourly rollups into local days reads 24 times the rows of the daily ones
+# (which are UTC days): done for one team or key over a month at most; otherwise the
+# charts show UTC days and say so.
+LOCAL_DAYS_MAX_DAYS = 35
+
+
+def _offsets(window: Window) -> set[timedelta]:
+    """The window's UTC offsets at each local midnight."""
+    out = set()
+    day = window.first_day
+    while day <= window.last_day:
+        offset = datetime(day.year, day.month, day.day, tzinfo=window.tz).utcoffset()
+        out.add(offset or timedelta(0))
+        day += timedelta(days=1)
+    return out
+
+
+@dataclass(frozen=True)
+class Axis:
+    """The buckets of a chart, and how billing.usage's buckets fall into them.
+
+    `source` is the bucket read from billing.usage (UTC hours or UTC days). Days and
+    weeks are calendar days in `tz`: the window's timezone, or UTC when regrouping
+    hours into local days would cost too much (`utc_days`).
+    """
+
+    kind: str  # hour | day | week
+    source: str  # hour | day
+    tz: ZoneInfo
+    starts: list[datetime]
+    utc_days: bool = False
+
+    def _position(self, moment: datetime) -> Any:
+        if self.kind == "hour":
+            return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        day = moment.astimezone(self.tz).date()
+        return day - timedelta(days=day.weekday()) if self.kind == "week" else day
+
+    def index(self, moment: datetime) -> int | None:
+        positions = self.__dict__.get("_positions")
+        if positions is None:
+            positions = {self._position(start): i for i, start in enumerate(self.starts)}
+            object.__setattr__(self, "_positions", positions)
+        return positions.get(self._position(moment))
+
+    def label(self, start: datetime) -> str:
+        if self.kind == "hour":
+            return f"{start:%d %b %H:%M}" if start.minute else f"{start:%d %b %H:00}"
+        return f"{start:%d %b}"
+
+
+def axis_for(window: Window, kind: str, *, narrow: bool) -> Axis:
+    if kind == "hour":
+        # UTC hours (what the rollups hold), shown in the window's timezone.
+        starts = []
+        cursor = window.since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        while cursor < window.until:
+            starts.append(cursor.astimezone(window.tz))
+            cursor += timedelta(hours=1)
+        return Axis("hour", "hour", window.tz, starts)
+    offsets = _offsets(window)
+    if offsets == {timedelta(0)}:  # UTC itself, or London in winter
+        tz, source, utc_days = window.tz, "day", False
+    elif (
+        kind == "day"
+        and narrow
+        and window.days <= LOCAL_DAYS_MAX_DAYS
+        # Local midnights on UTC hours (not India's or Nepal's): whole hours regroup.
+        and all(offset % timedelta(hours=1) == timedelta(0) for offset in offsets)
+    ):
+        tz, source, utc_days = window.tz, "hour", False
+    else:
+        tz, source, utc_days = ZoneInfo("UTC"), "day", True
+    first = window.since.astimezone(tz).date()
+    last = (window.until - timedelta(microseconds=1)).astimezone(tz).date()
+    if kind == "week":
+        first -= timedelta(days=first.weekday())
+    step = 7 if kind == "week" else 1
+    starts = [
+        datetime(d.year, d.month, d.day, tzinfo=tz)
+        for d in (first + timedelta(days=i) for i in range(0, (last - first).days + 1, step))
+    ]
+    return Axis(kind, source, tz, starts, utc_days)
+
+
+def bucket_for(window: Window) -> str:
+    if window.days <= 2:
+        return "hour"
+    return "day" if window.days <= 92 else "week"
+
+
+# --- drawing ------------------------------------------------------------------------------------
 
 PALETTE = ["#6366f1", "#06b6d4", "#10b981", "#f59e0b", "#f43f5e", "#84cc16", "#a855f7", "#ec4899"]
 OTHER_COLOR = "#cbd5e1"

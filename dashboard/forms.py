@@ -9,18 +9,24 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django import forms
 from django.core.validators import RegexValidator
 from django.utils import timezone
 
-from accounts.models import BudgetPeriod, Team, TeamRole, VirtualKey
+from accounts.models import (
+    BudgetPeriod,
+    Team,
+    TeamRole,
+    VirtualKey,
+    alert_thresholds_check,
+    timezone_check,
+)
+from accounts.services import PLATFORM_ROLES
 from billing.webhooks import EVENT_TYPES as WEBHOOK_EVENT_TYPES
-from dashboard.services import PLATFORM_ROLES
+from gateway.destinations import api_base_problem
 from gateway.models import RoutingStrategy
-from gateway.services import money_to_micro
+from gateway.services import FALLBACK_FIELDS, fallback_problem, money_to_micro
 
 MAX_USD = Decimal("1000000000")
 
@@ -105,26 +111,16 @@ class TeamForm(forms.Form):
         return name
 
     def clean_timezone(self) -> str:
-        value = str(self.cleaned_data["timezone"]).strip()
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise forms.ValidationError(
-                f"'{value}' is not a timezone name; use one like Europe/Paris or UTC."
-            ) from None
-        return value
+        return timezone_check(str(self.cleaned_data["timezone"]).strip())
 
     def clean_alert_thresholds(self) -> list[int]:
         values = []
         for part in parse_name_list(self.cleaned_data["alert_thresholds"] or ""):
             try:
-                value = int(part.rstrip("%"))
+                values.append(int(part.rstrip("%")))
             except ValueError:
                 raise forms.ValidationError(f"'{part}' is not a whole percentage.") from None
-            if not 1 <= value <= 1000:
-                raise forms.ValidationError("Each threshold must be between 1 and 1000 percent.")
-            values.append(value)
-        return sorted(set(values))
+        return alert_thresholds_check(values)
 
     def to_fields(self) -> dict[str, Any]:
         data = self.cleaned_data
@@ -399,23 +395,19 @@ class DeploymentForm(forms.Form):
         return {name: getattr(deployment, name) for name in cls.MODEL_FIELDS}
 
     def clean_provider_model(self) -> str:
-        from gateway.routing import split_provider
+        from gateway.routing import provider_model_problem
 
         value = str(self.cleaned_data["provider_model"]).strip()
-        try:
-            split_provider(value)
-        except ValueError as exc:
-            raise forms.ValidationError(str(exc)) from None
+        problem = provider_model_problem(value)
+        if problem:
+            raise forms.ValidationError(problem)
         return value
 
     def clean_api_base(self) -> str:
         value = str(self.cleaned_data["api_base"] or "").strip()
-        if value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise forms.ValidationError(
-                    "Use an http(s) URL such as https://api.openai.com/v1, or leave it empty."
-                )
+        problem = api_base_problem(value)
+        if problem:
+            raise forms.ValidationError(problem)
         return value
 
     def to_fields(self, *, creating: bool) -> dict[str, Any]:
@@ -451,7 +443,7 @@ class GroupForm(forms.Form):
     )
     cooldown_seconds = forms.FloatField(min_value=0, max_value=3600, initial=10)
 
-    LIST_FIELDS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+    LIST_FIELDS = FALLBACK_FIELDS
 
     def __init__(self, *args: Any, model: str, known: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -479,11 +471,9 @@ class GroupForm(forms.Form):
 
     def _names(self, field: str) -> list[str]:
         names = parse_name_list(self.cleaned_data.get(field) or "")
-        for name in names:
-            if name == self.model:
-                raise forms.ValidationError(f"A model cannot fall back to itself ('{name}').")
-            if name not in self.known:
-                raise forms.ValidationError(f"'{name}' is not a configured model; add it first.")
+        problem = fallback_problem(model=self.model, field=field, names=names, known=self.known)
+        if problem:
+            raise forms.ValidationError(problem)
         return names
 
     def clean_fallbacks(self) -> list[str]:

@@ -19,7 +19,6 @@ from core.api import ADMIN_ACTOR, AdminToken, ErrorOut, Page, PageParams
 from core.errors import GatewayError, invalid_request
 from gateway import services
 from gateway.models import ModelAlias, ModelDeployment, ModelGroup
-from gateway.routing import split_provider
 from gateway.schemas import (
     AliasIn,
     AliasOut,
@@ -55,14 +54,6 @@ def _set_fields(payload: Schema) -> dict[str, Any]:
 # --- models ------------------------------------------------------------------------------------
 
 
-def _check_provider_model(fields: dict[str, Any]) -> None:
-    if "provider_model" in fields:
-        try:
-            split_provider(fields["provider_model"])
-        except ValueError as exc:
-            raise invalid_request(str(exc), param="provider_model") from None
-
-
 def _deployment(model_id: str) -> ModelDeployment:
     try:
         return get_object_or_404(ModelDeployment, public_id=model_id)
@@ -77,7 +68,6 @@ def _deployment(model_id: str) -> ModelDeployment:
 @router.post("/models", response={201: ModelOut, **ERRORS}, summary="Add a model deployment")
 def model_create(request: HttpRequest, payload: ModelIn) -> tuple[int, ModelOut]:
     fields = _set_fields(payload)
-    _check_provider_model(fields)
     deployment = services.deployment_create(actor=ADMIN_ACTOR, **fields)
     return 201, ModelOut.of(deployment)
 
@@ -98,7 +88,6 @@ def model_get(request: HttpRequest, model_id: str) -> ModelOut:
 @router.api_operation(["PATCH", "PUT"], "/models/{model_id}", response={200: ModelOut, **ERRORS})
 def model_update(request: HttpRequest, model_id: str, payload: ModelPatch) -> ModelOut:
     fields = _set_fields(payload)
-    _check_provider_model(fields)
     return ModelOut.of(
         services.deployment_update(actor=ADMIN_ACTOR, deployment=_deployment(model_id), **fields)
     )
@@ -256,16 +245,6 @@ def key_rotate(
 # --- model groups (routing policy) and aliases -----------------------------------------------
 
 
-def _known_models(names: list[str] | None, param: str) -> None:
-    known = set(ModelDeployment.objects.values_list("name", flat=True))
-    known |= set(ModelAlias.objects.values_list("alias", flat=True))
-    for name in names or []:
-        if name not in known:
-            raise invalid_request(
-                f"'{name}' in {param} is not a configured model; add it first.", param=param
-            )
-
-
 @router.get("/model-groups", response=Page[GroupOut], summary="List routing policies")
 def group_list(request: HttpRequest, page: Query[PageParams]) -> Any:
     return page.of(ModelGroup.objects.all(), GroupOut.of)
@@ -292,8 +271,6 @@ def group_put(request: HttpRequest, name: str, payload: GroupIn) -> GroupOut:
             f"No model named '{name}'; add a deployment first.", 404, code="not_found"
         )
     fields = {k: v for k, v in _set_fields(payload).items() if v is not None}
-    for param in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
-        _known_models(fields.get(param), param)
     return GroupOut.of(services.group_save(actor=ADMIN_ACTOR, name=name, **fields))
 
 

@@ -134,6 +134,15 @@ def split_provider(provider_model: str) -> tuple[str, str]:
     return provider, model
 
 
+def provider_model_problem(provider_model: str) -> str | None:
+    """Why `provider_model` may not be a deployment's provider model, or None when it may."""
+    try:
+        split_provider(provider_model)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _price_map_entry(provider_model: str, provider: str, model: str) -> dict[str, Any]:
     for candidate in (provider_model, model, f"{provider}/{model}"):
         entry = litellm.model_cost.get(candidate)

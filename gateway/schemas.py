@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
-from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ninja import Field, Schema
 from pydantic import field_validator
@@ -70,17 +68,6 @@ class ModelPatch(Schema):
     @classmethod
     def _prices(cls, value: Decimal | None) -> Decimal | None:
         return _non_negative(value, "a price")
-
-    @field_validator("api_base")
-    @classmethod
-    def _api_base(cls, value: str | None) -> str | None:
-        if value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(
-                    "api_base must be an http(s) URL such as https://api.openai.com/v1"
-                )
-        return value
 
 
 class ModelIn(ModelPatch):
@@ -168,29 +155,6 @@ class TeamPatch(Schema):
     @classmethod
     def _member_budget(cls, value: Decimal | None) -> Decimal | None:
         return _non_negative(value, "member_key_max_budget_usd")
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(
-                    f"{value!r} is not an IANA timezone such as 'Europe/Paris'"
-                ) from None
-        return value
-
-    @field_validator("alert_thresholds")
-    @classmethod
-    def _thresholds(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None:
-            if any(t <= 0 or t > 1000 for t in value):
-                raise ValueError(
-                    "alert_thresholds are percentages from 1 to 1000, e.g. [50, 80, 100]"
-                )
-            return sorted(set(value))
-        return value
 
 
 class TeamIn(TeamPatch):

@@ -9,6 +9,7 @@ management API, "system" for commands.
 from __future__ import annotations
 
 import secrets as _secrets
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -18,6 +19,7 @@ from core.audit import audit, snapshot
 from core.crypto import encrypt_secret
 from core.errors import GatewayError, invalid_request
 from gateway.models import ConfigVersion, ModelAlias, ModelDeployment, ModelGroup
+from gateway.selectors import model_names
 
 
 def config_version_bump() -> str:
@@ -43,9 +45,20 @@ def _apply_deployment_fields(deployment: ModelDeployment, fields: dict[str, Any]
     return changed
 
 
+def _check_provider_model(provider_model: str) -> None:
+    # Imported here: routing loads litellm (seconds), which commands and workers that
+    # never write a deployment should not pay for.
+    from gateway.routing import provider_model_problem
+
+    problem = provider_model_problem(provider_model)
+    if problem:
+        raise invalid_request(problem, param="provider_model")
+
+
 def deployment_create(
     *, name: str, provider_model: str, actor: str = "system", **fields: Any
 ) -> ModelDeployment:
+    _check_provider_model(provider_model)
     deployment = ModelDeployment(name=name, provider_model=provider_model)
     _apply_deployment_fields(deployment, fields)
     deployment.full_clean()
@@ -59,6 +72,8 @@ def deployment_create(
 def deployment_update(
     *, deployment: ModelDeployment, actor: str = "system", **fields: Any
 ) -> ModelDeployment:
+    if "provider_model" in fields:
+        _check_provider_model(fields["provider_model"])
     before = snapshot(deployment)
     changed = _apply_deployment_fields(deployment, fields)
     deployment.full_clean()
@@ -88,13 +103,35 @@ def money_to_micro(value: Decimal | None) -> int | None:
 # --- model groups and aliases -------------------------------------------------------------
 
 
+FALLBACK_FIELDS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+
+
+def fallback_problem(
+    *, model: str, field: str, names: Iterable[str], known: set[str]
+) -> str | None:
+    """Why `names` may not be the `field` list of `model`'s routing policy, or None.
+
+    A fallback must be a configured model (a deployment name or an alias), never the
+    model itself.
+    """
+    for name in names:
+        if name == model:
+            return f"A model cannot fall back to itself ('{name}')."
+        if name not in known:
+            return f"'{name}' in {field} is not a configured model; add it first."
+    return None
+
+
 def group_save(*, name: str, actor: str = "system", **fields: Any) -> ModelGroup:
     """Create or update the routing policy of the public model `name`."""
-    for list_field in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
-        if name in (fields.get(list_field) or []):
-            raise invalid_request(
-                f"A model cannot fall back to itself ('{name}').", param=list_field
+    if any(fields.get(field) for field in FALLBACK_FIELDS):
+        known = set(model_names())
+        for field in FALLBACK_FIELDS:
+            problem = fallback_problem(
+                model=name, field=field, names=fields.get(field) or [], known=known
             )
+            if problem:
+                raise invalid_request(problem, param=field)
     with transaction.atomic():
         found = ModelGroup.objects.select_for_update().filter(name=name).first()
         group = found or ModelGroup(name=name)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from django.http import HttpResponse
 from django.views.decorators.http import require_GET
 
-from dashboard import selectors
 from dashboard.access import DashboardRequest, dashboard_view, require
 from dashboard.forms import AuditFilterForm
-from dashboard.selectors import AuditFilter
+from dashboard.selectors.audit import AuditFilter, audit_changes, audit_entries
+from dashboard.selectors.common import paginate
 from dashboard.views.common import choices, page, team_options
 
 
@@ -22,12 +22,10 @@ def audit_log(request: DashboardRequest) -> HttpResponse:
     form.is_valid()
     data = form.cleaned_data
     filters = AuditFilter(object_type=data.get("object_type") or "", team_id=data.get("team"))
-    entries_page = selectors.paginate(
-        selectors.audit_entries(viewer, filters), request.GET.get("page"), 30
-    )
+    entries_page = paginate(audit_entries(viewer, filters), request.GET.get("page"), 30)
     team_names = {t.id: t.name for t in teams}
     entries = [
-        (entry, selectors.audit_changes(entry), team_names.get(entry.team_id or 0, ""))
+        (entry, audit_changes(entry), team_names.get(entry.team_id or 0, ""))
         for entry in entries_page.object_list
     ]
     return page(

@@ -15,10 +15,9 @@ from django.utils import timezone
 
 from accounts.models import Team
 from core.errors import GatewayError
-from dashboard import selectors
 from dashboard.access import DashboardRequest, Viewer
-from dashboard.selectors import Window
-from dashboard.services import DashboardError
+from dashboard.charts import Window, period_window, trailing_window
+from dashboard.selectors.common import visible_teams
 
 
 def page(
@@ -39,9 +38,7 @@ def page(
 
 def team_options(viewer: Viewer) -> list[Team]:
     """The teams a viewer can pick in filters (small: names and periods only)."""
-    return list(
-        selectors.visible_teams(viewer).only("id", "name", "budget_period", "timezone")[:500]
-    )
+    return list(visible_teams(viewer).only("id", "name", "budget_period", "timezone")[:500])
 
 
 def choices(teams: list[Team]) -> list[tuple[int, str]]:
@@ -53,10 +50,10 @@ def default_window(team: Team | None, teams: list[Team], range_name: str = "peri
     anchor = team or (teams[0] if len(teams) == 1 else None)
     tz_name = anchor.timezone if anchor else "UTC"
     if range_name in ("7d", "30d", "90d"):
-        return selectors.trailing_window(int(range_name[:-1]), tz_name)
+        return trailing_window(int(range_name[:-1]), tz_name)
     if anchor is not None:
-        return selectors.period_window(anchor.budget_period, anchor.timezone)
-    return selectors.period_window("monthly", "UTC")
+        return period_window(anchor.budget_period, anchor.timezone)
+    return period_window("monthly", "UTC")
 
 
 # Model field → form field, where a form takes USD and the model stores micro-USD.
@@ -76,9 +73,6 @@ def form_error(form: forms.Form, exc: Exception) -> None:
         wanted = _FORM_FIELDS.get(exc.param or "", exc.param or "")
         param = wanted if wanted in form.fields else None
         form.add_error(param, exc.message)
-        return
-    if isinstance(exc, DashboardError):
-        form.add_error(exc.field if exc.field in form.fields else None, exc.message)
         return
     if isinstance(exc, ValidationError):
         form.add_error(None, exc.messages)

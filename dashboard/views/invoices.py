@@ -18,7 +18,6 @@ from django.views.decorators.http import require_GET, require_POST
 from billing import invoices
 from billing.models import Invoice, InvoiceStatus
 from core.errors import GatewayError
-from dashboard import selectors
 from dashboard.access import (
     DashboardRequest,
     dashboard_view,
@@ -32,7 +31,9 @@ from dashboard.forms import (
     InvoiceFilterForm,
     InvoiceVoidForm,
 )
-from dashboard.selectors import InvoiceQuery
+from dashboard.selectors import invoices as invoices_selectors
+from dashboard.selectors.common import paginate
+from dashboard.selectors.invoices import ISSUED_STATUSES, InvoiceQuery, invoices_for
 from dashboard.views.common import choices, page, team_options
 
 
@@ -51,7 +52,7 @@ def _list_page(
     statuses = (
         INVOICE_STATUSES
         if viewer.can_manage_invoices
-        else [s for s in INVOICE_STATUSES if s[0] in selectors.ISSUED_STATUSES]
+        else [s for s in INVOICE_STATUSES if s[0] in ISSUED_STATUSES]
     )
     form = InvoiceFilterForm(request.GET, teams=choices(teams), statuses=statuses)
     form.is_valid()
@@ -59,9 +60,7 @@ def _list_page(
     query = InvoiceQuery(
         team_id=data.get("team"), status=data.get("status") or "", period=data.get("period") or ""
     )
-    invoices_page = selectors.paginate(
-        selectors.invoices_for(viewer, query), request.GET.get("page")
-    )
+    invoices_page = paginate(invoices_for(viewer, query), request.GET.get("page"))
     if draft_form is None and viewer.can_manage_invoices:
         draft_form = InvoiceDraftForm(
             initial={"month": _last_month(), "team": query.team_id}, teams=choices(teams)
@@ -122,7 +121,7 @@ def invoice_detail(request: DashboardRequest, invoice_id: int) -> HttpResponse:
         request,
         "dashboard/invoices/detail.html",
         {
-            "detail": selectors.invoice_detail(invoice),
+            "detail": invoices_selectors.invoice_detail(invoice),
             "invoice": invoice,
             "can_finalize": can_manage and invoice.status == InvoiceStatus.DRAFT,
             "can_void": can_manage and invoice.status == InvoiceStatus.FINALIZED,

@@ -15,7 +15,6 @@ from accounts import services as account_services
 from accounts.models import Team, VirtualKey
 from accounts.services import IssuedKey
 from core.errors import GatewayError
-from dashboard import selectors
 from dashboard.access import (
     DashboardRequest,
     dashboard_view,
@@ -25,8 +24,10 @@ from dashboard.access import (
     require,
 )
 from dashboard.forms import KeyEditForm, KeyIssueForm, RotateForm
-from dashboard.selectors import KeyFilter
+from dashboard.selectors.common import paginate
+from dashboard.selectors.keys import KeyFilter, key_rows, key_secrets, keys_for, with_key_hints
 from dashboard.views.common import form_error, page, posted, save_changes
+from gateway.selectors import model_names
 
 STATUSES = [("active", "Active"), ("revoked", "Revoked"), ("all", "All")]
 
@@ -42,14 +43,14 @@ def key_list(request: DashboardRequest) -> HttpResponse:
     except ValueError:
         team_id = None
     search = request.GET.get("q", "").strip()[:200]
-    keys = selectors.keys_for(viewer, KeyFilter(team_id=team_id, status=status, search=search))
-    keys_page = selectors.paginate(keys, request.GET.get("page"))
+    keys = keys_for(viewer, KeyFilter(team_id=team_id, status=status, search=search))
+    keys_page = paginate(keys, request.GET.get("page"))
     return page(
         request,
         "dashboard/keys/list.html",
         {
             "page_obj": keys_page,
-            "rows": selectors.key_rows(list(keys_page.object_list)),
+            "rows": key_rows(list(keys_page.object_list)),
             "statuses": STATUSES,
             "status": status,
             "search": search,
@@ -84,7 +85,7 @@ def key_issue(request: DashboardRequest) -> HttpResponse:
     can_set_limits = any(
         viewer.can_set_key_limits_in(t.id) or t.has_member_key_policy for t in teams
     )
-    form.setup(models=selectors.model_names(), can_set_limits=can_set_limits)
+    form.setup(models=model_names(), can_set_limits=can_set_limits)
     if request.method == "POST" and form.is_valid():
         team = form.cleaned_data["team"]
         fields = form.limit_fields()
@@ -125,9 +126,7 @@ def _secret_page(request: DashboardRequest, issued: IssuedKey, *, created: bool)
             "created": created,
             "openai_base_url": f"{base}/v1",
             "anthropic_base_url": base,
-            "example_model": (
-                issued.key.allowed_models or selectors.model_names() or ["gpt-4o-mini"]
-            )[0],
+            "example_model": (issued.key.allowed_models or model_names() or ["gpt-4o-mini"])[0],
         },
         section="keys",
         status=201 if created else 200,
@@ -142,18 +141,16 @@ def key_detail(request: DashboardRequest, key_id: int) -> HttpResponse:
     viewer = request.viewer
     key = get_key_for_viewer(viewer, key_id)
     annotated = (
-        selectors.with_key_hints(VirtualKey.objects.filter(id=key.id))
-        .select_related("team", "owner")
-        .get()
+        with_key_hints(VirtualKey.objects.filter(id=key.id)).select_related("team", "owner").get()
     )
-    row = selectors.key_rows([annotated])[0]
+    row = key_rows([annotated])[0]
     return page(
         request,
         "dashboard/keys/detail.html",
         {
             "key": annotated,
             "row": row,
-            "secrets": selectors.key_secrets(key),
+            "secrets": key_secrets(key),
             "rotate_form": RotateForm(),
             "can_manage": viewer.can_manage_key(key),
             "can_set_limits": viewer.can_set_key_limits(key),
@@ -168,7 +165,7 @@ def key_edit(request: DashboardRequest, key_id: int) -> HttpResponse:
     key = get_key_for_limits(request.viewer, key_id)
     require(key.revoked_at is None)
     form = KeyEditForm(posted(request), initial=KeyEditForm.initial_for(key))
-    form.setup(models=selectors.model_names(), can_set_limits=True)
+    form.setup(models=model_names(), can_set_limits=True)
     if request.method == "POST" and form.is_valid():
         fields = {"name": form.cleaned_data["name"], **form.limit_fields()}
         update = partial(

@@ -11,16 +11,28 @@ from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods, require_POST
 
 from core.errors import GatewayError
-from dashboard import selectors, services
+from dashboard import services
 from dashboard.access import DashboardRequest, dashboard_view, require
 from dashboard.forms import AliasForm, DeploymentForm, GroupForm
+from dashboard.selectors.common import paginate
 from dashboard.views.common import form_error, page, posted, save_changes
 from gateway import services as gateway_services
-from gateway.models import ModelAlias, ModelDeployment, ModelGroup
+from gateway.models import ModelDeployment
+from gateway.selectors import (
+    alias_get,
+    aliases,
+    deployment_get,
+    deployment_names,
+    deployments,
+    group_get,
+    groups_by_name,
+    model_exists,
+    model_names,
+)
 
 
 def _deployment(public_id: str) -> ModelDeployment:
-    deployment = ModelDeployment.objects.filter(public_id=public_id).first()
+    deployment = deployment_get(public_id)
     if deployment is None:
         raise Http404("No such deployment.")
     return deployment
@@ -30,9 +42,9 @@ def _deployment(public_id: str) -> ModelDeployment:
 @dashboard_view
 def model_list(request: DashboardRequest) -> HttpResponse:
     require(request.viewer.can_view_models)
-    deployments_page = selectors.paginate(selectors.deployments(), request.GET.get("page"))
+    deployments_page = paginate(deployments(), request.GET.get("page"))
     rows = list(deployments_page.object_list)
-    aliases_page = selectors.paginate(selectors.aliases(), request.GET.get("apage"), 10)
+    aliases_page = paginate(aliases(), request.GET.get("apage"), 10)
     names = sorted({d.name for d in rows})
     return page(
         request,
@@ -41,8 +53,8 @@ def model_list(request: DashboardRequest) -> HttpResponse:
             "page_obj": deployments_page,
             "deployments": rows,
             "aliases_page": aliases_page,
-            "groups": selectors.groups_by_name(names),
-            "alias_form": AliasForm(targets=selectors.model_names()),
+            "groups": groups_by_name(names),
+            "alias_form": AliasForm(targets=model_names()),
             "can_manage": request.viewer.can_manage_models,
         },
         section="models",
@@ -132,10 +144,10 @@ def deployment_test(request: DashboardRequest, public_id: str) -> HttpResponse:
 @dashboard_view
 def group_edit(request: DashboardRequest, name: str) -> HttpResponse:
     require(request.viewer.can_manage_models)
-    if not ModelDeployment.objects.filter(name=name).exists():
+    if not model_exists(name):
         raise Http404("No such model.")
-    group = ModelGroup.objects.filter(name=name).first()
-    known = selectors.model_names()
+    group = group_get(name)
+    known = model_names()
     form = GroupForm(posted(request), initial=GroupForm.initial_for(group), model=name, known=known)
     if request.method == "POST" and form.is_valid():
         try:
@@ -158,7 +170,7 @@ def group_edit(request: DashboardRequest, name: str) -> HttpResponse:
 @dashboard_view
 def group_delete(request: DashboardRequest, name: str) -> HttpResponse:
     require(request.viewer.can_manage_models)
-    group = ModelGroup.objects.filter(name=name).first()
+    group = group_get(name)
     if group is None:
         raise Http404("No routing policy for that model.")
     gateway_services.group_delete(group=group, actor=request.user.username)
@@ -170,9 +182,7 @@ def group_delete(request: DashboardRequest, name: str) -> HttpResponse:
 @dashboard_view
 def alias_create(request: DashboardRequest) -> HttpResponse:
     require(request.viewer.can_manage_models)
-    form = AliasForm(
-        request.POST, targets=sorted(set(ModelDeployment.objects.values_list("name", flat=True)))
-    )
+    form = AliasForm(request.POST, targets=deployment_names())
     if form.is_valid():
         try:
             alias = gateway_services.alias_create(
@@ -197,7 +207,7 @@ def alias_create(request: DashboardRequest) -> HttpResponse:
 @dashboard_view
 def alias_delete(request: DashboardRequest, alias_id: int) -> HttpResponse:
     require(request.viewer.can_manage_models)
-    alias = ModelAlias.objects.filter(id=alias_id).first()
+    alias = alias_get(alias_id)
     if alias is None:
         raise Http404("No such alias.")
     gateway_services.alias_delete(alias=alias, actor=request.user.username)

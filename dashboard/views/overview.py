@@ -7,11 +7,15 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from accounts.models import Team
-from dashboard import charts, selectors
+from dashboard import charts
 from dashboard.access import DashboardRequest, dashboard_view
 from dashboard.formatting import usd_axis
 from dashboard.forms import OverviewFilter
-from dashboard.selectors import KeyFilter, UsageScope
+from dashboard.selectors.common import paginate, visible_teams
+from dashboard.selectors.keys import KeyFilter, KeyRow, key_rows, keys_for
+from dashboard.selectors.overview import usage_overview
+from dashboard.selectors.teams import TeamBudget, team_budgets
+from dashboard.selectors.usage import UsageScope
 from dashboard.views.common import choices, default_window, page, team_options
 
 BUDGETS_PER_PAGE = 6
@@ -28,7 +32,7 @@ def overview(request: DashboardRequest) -> HttpResponse:
     team = next((t for t in teams if t.id == team_id), None)
     range_name = form.cleaned_data.get("range") or "period"
     window = default_window(team, teams, range_name)
-    data = selectors.usage_overview(UsageScope(viewer=viewer, window=window, team_id=team_id))
+    data = usage_overview(UsageScope(viewer=viewer, window=window, team_id=team_id))
 
     labels = [f"{day:%d %b}" for day in data.days]
     chart = charts.stacked_bars(
@@ -56,31 +60,31 @@ def overview(request: DashboardRequest) -> HttpResponse:
 
     # Budgets: per team for those who run teams; per own key for plain members.
     budgets_page = None
-    budgets: list[selectors.TeamBudget] = []
-    key_budgets: list[selectors.KeyRow] | None = None
+    budgets: list[TeamBudget] = []
+    key_budgets: list[KeyRow] | None = None
     if team is not None and viewer.can_view_team_details(team.id):
         budget_teams = Team.objects.filter(id=team.id)
     elif team is None and (viewer.sees_all_teams or viewer.admin_team_ids):
         budget_teams = (
-            selectors.visible_teams(viewer).filter(id__in=viewer.admin_team_ids)
+            visible_teams(viewer).filter(id__in=viewer.admin_team_ids)
             if not viewer.sees_all_teams
             else Team.objects.all()
         )
     else:
         budget_teams = None
     if budget_teams is not None:
-        budgets_page = selectors.paginate(
+        budgets_page = paginate(
             budget_teams.order_by("name"), request.GET.get("bpage"), BUDGETS_PER_PAGE
         )
         # Budget rows are teams whose every ledger row this viewer sees, so the
         # overview's per-team sums are their spend whenever the window is their period.
-        budgets = selectors.team_budgets(
+        budgets = team_budgets(
             list(budgets_page.object_list), known=window, spent_in_known=data.spend_by_team
         )
     else:
-        keys = selectors.keys_for(viewer, KeyFilter(team_id=team_id))
-        budgets_page = selectors.paginate(keys, request.GET.get("bpage"), BUDGETS_PER_PAGE)
-        key_budgets = selectors.key_rows(list(budgets_page.object_list))
+        keys = keys_for(viewer, KeyFilter(team_id=team_id))
+        budgets_page = paginate(keys, request.GET.get("bpage"), BUDGETS_PER_PAGE)
+        key_budgets = key_rows(list(budgets_page.object_list))
 
     return page(
         request,

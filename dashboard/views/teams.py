@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 
 from django.contrib import messages
-from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
@@ -13,8 +12,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts import services as account_services
 from accounts.models import Membership, Team
+from accounts.selectors import membership_get, user_by_username
 from core.errors import GatewayError
-from dashboard import selectors, services
 from dashboard.access import (
     DashboardRequest,
     dashboard_view,
@@ -30,16 +29,25 @@ from dashboard.forms import (
     MemberRoleForm,
     TeamForm,
 )
+from dashboard.selectors.common import paginate
+from dashboard.selectors.teams import (
+    alert_recipients,
+    team_budgets,
+    team_members,
+    teams_with_counts,
+)
+from dashboard.selectors.webhooks import webhook_count
 from dashboard.views.common import form_error, page, posted, save_changes
+from gateway.selectors import model_names
 
 
 @require_http_methods(["GET"])
 @dashboard_view
 def team_list(request: DashboardRequest) -> HttpResponse:
-    teams_page = selectors.paginate(
-        selectors.teams_with_counts(request.viewer).order_by("name"), request.GET.get("page")
+    teams_page = paginate(
+        teams_with_counts(request.viewer).order_by("name"), request.GET.get("page")
     )
-    budgets = selectors.team_budgets(list(teams_page.object_list))
+    budgets = team_budgets(list(teams_page.object_list))
     rows = [(b, request.viewer.can_view_team_details(b.team.id)) for b in budgets]
     return page(
         request,
@@ -81,9 +89,9 @@ def team_page(
 ) -> HttpResponse:
     """The team page, also shown again (with errors) by the forms on it."""
     viewer = request.viewer
-    members_page = selectors.paginate(selectors.team_members(team), request.GET.get("page"))
+    members_page = paginate(team_members(team), request.GET.get("page"))
     can_notify = viewer.can_manage_notifications(team.id)
-    recipients = selectors.alert_recipients(team)
+    recipients = alert_recipients(team)
     if alerts_form is None and can_notify:
         alerts_form = AlertRecipientsForm(initial={"alert_emails": "\n".join(recipients)})
     return page(
@@ -91,7 +99,7 @@ def team_page(
         "dashboard/teams/detail.html",
         {
             "team": team,
-            "budget": selectors.team_budgets([team])[0],
+            "budget": team_budgets([team])[0],
             "page_obj": members_page,
             "add_form": add_form or MemberAddForm(),
             "can_manage_members": viewer.can_manage_members(team.id),
@@ -99,7 +107,7 @@ def team_page(
             "can_manage_notifications": can_notify,
             "alert_recipients": recipients,
             "alerts_form": alerts_form,
-            "webhook_count": selectors.webhook_count(team) if can_notify else None,
+            "webhook_count": webhook_count(team) if can_notify else None,
             "can_view_invoices": viewer.can_view_invoices_of(team.id),
         },
         section="teams",
@@ -139,7 +147,7 @@ def team_key_policy(request: DashboardRequest, team_id: int) -> HttpResponse:
     """The caps on members' keys: set by the team's admins (and platform admins)."""
     team = get_team_for_members(request.viewer, team_id)
     form = KeyPolicyForm(posted(request), initial=KeyPolicyForm.initial_for(team))
-    form.setup(models=selectors.model_names())
+    form.setup(models=model_names())
     if request.method == "POST" and form.is_valid():
         update = partial(account_services.team_update, team=team, actor=request.user.username)
         if save_changes(
@@ -161,18 +169,18 @@ def member_add(request: DashboardRequest, team_id: int) -> HttpResponse:
     team = get_team_for_members(request.viewer, team_id)
     form = MemberAddForm(request.POST)
     if form.is_valid():
-        user = User.objects.filter(username=form.cleaned_data["username"].strip()).first()
+        user = user_by_username(form.cleaned_data["username"].strip())
         if user is None:
             form.add_error("username", "No user with that username; a platform admin adds users.")
         else:
             try:
-                services.membership_add(
+                account_services.membership_add(
                     team=team,
                     user=user,
                     role=form.cleaned_data["role"],
                     actor=request.user.username,
                 )
-            except services.DashboardError as exc:
+            except GatewayError as exc:
                 form_error(form, exc)
             else:
                 messages.success(request, f"{user.username} added to {team.name}.")
@@ -181,9 +189,7 @@ def member_add(request: DashboardRequest, team_id: int) -> HttpResponse:
 
 
 def _membership(team_id: int, membership_id: int) -> Membership:
-    membership = (
-        Membership.objects.select_related("user").filter(id=membership_id, team_id=team_id).first()
-    )
+    membership = membership_get(team_id=team_id, membership_id=membership_id)
     if membership is None:
         raise Http404("No such member.")
     return membership
@@ -199,10 +205,10 @@ def member_role(request: DashboardRequest, team_id: int, membership_id: int) -> 
         messages.error(request, "Pick a role: team admin or member.")
     else:
         try:
-            services.membership_set_role(
+            account_services.membership_set_role(
                 membership=membership, role=form.cleaned_data["role"], actor=request.user.username
             )
-        except services.DashboardError as exc:
+        except GatewayError as exc:
             messages.error(request, exc.message)
         else:
             messages.success(
@@ -217,8 +223,8 @@ def member_remove(request: DashboardRequest, team_id: int, membership_id: int) -
     team = get_team_for_members(request.viewer, team_id)
     membership = _membership(team.id, membership_id)
     try:
-        services.membership_remove(membership=membership, actor=request.user.username)
-    except services.DashboardError as exc:
+        account_services.membership_remove(membership=membership, actor=request.user.username)
+    except GatewayError as exc:
         messages.error(request, exc.message)
     else:
         messages.success(request, f"{membership.user.username} removed from {team.name}.")

@@ -11,11 +11,24 @@ from django.views.decorators.http import require_GET
 
 from accounts.models import Team, VirtualKey
 from billing.csv_export import csv_amount, safe_writer
-from dashboard import charts, selectors
+from dashboard import charts
 from dashboard.access import DashboardRequest, dashboard_view, get_key_for_viewer
+from dashboard.charts import Window, bucket_for, day_window
 from dashboard.formatting import compact, duration_ms, usd_axis
 from dashboard.forms import RequestLogFilter, UsageFilter
-from dashboard.selectors import LedgerScope, Series, SeriesRow, UsageScope, Window
+from dashboard.selectors.common import paginate
+from dashboard.selectors.keys import key_options
+from dashboard.selectors.request_log import ledger_row, request_attempts, request_log
+from dashboard.selectors.usage import (
+    LedgerScope,
+    Series,
+    SeriesRow,
+    Totals,
+    UsageScope,
+    latency_sample,
+    usage_series,
+    visible_usage,
+)
 from dashboard.views.common import choices, default_window, page, team_options
 
 TABLE_PAGE_SIZE = 25
@@ -53,7 +66,7 @@ def _explore(request: DashboardRequest) -> Explorer:
         first = since or window.since.astimezone(window.tz).date()
         last = until or (window.until.astimezone(window.tz).date())
         if first <= last:
-            window = selectors.day_window(first, last, tz_name)
+            window = day_window(first, last, tz_name)
     scope = UsageScope(
         viewer=viewer,
         window=window,
@@ -62,9 +75,7 @@ def _explore(request: DashboardRequest) -> Explorer:
         model=(data.get("model") or "").strip(),
         tag=(data.get("tag") or "").strip(),
     )
-    series = selectors.usage_series(
-        scope, kind=selectors.bucket_for(window), group_by=data.get("group_by") or ""
-    )
+    series = usage_series(scope, kind=bucket_for(window), group_by=data.get("group_by") or "")
     # Show the dates in effect, whether typed or the default period.
     shown = request.GET.copy()
     shown["since"] = window.first_day.isoformat()
@@ -100,7 +111,7 @@ def usage(request: DashboardRequest) -> HttpResponse:
         return compact(value)
 
     # Latency: the latest requests of the range's last day, per hour (see selectors).
-    latency = selectors.latency_sample(explorer.scope, selectors.visible_usage(request.viewer))
+    latency = latency_sample(explorer.scope, visible_usage(request.viewer))
     hours = []
     cursor = latency.since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     while cursor < latency.until:
@@ -124,16 +135,14 @@ def usage(request: DashboardRequest) -> HttpResponse:
             title="Latency p50 and p95 per hour",
         ),
     }
-    totals = selectors.Totals()
+    totals = Totals()
     for row in explorer.rows:
         totals.requests += row.requests
         totals.errors += row.errors
         totals.spend_micro_usd += row.spend_micro_usd
         totals.prompt_tokens += row.prompt_tokens
         totals.completion_tokens += row.completion_tokens
-    table = selectors.paginate(
-        list(reversed(explorer.rows)), request.GET.get("page"), TABLE_PAGE_SIZE
-    )
+    table = paginate(list(reversed(explorer.rows)), request.GET.get("page"), TABLE_PAGE_SIZE)
     group_by = explorer.form.cleaned_data.get("group_by") or ""
     return page(
         request,
@@ -150,9 +159,7 @@ def usage(request: DashboardRequest) -> HttpResponse:
             "grouped": bool(group_by),
             "by_tag": group_by == "tag",
             "key": explorer.key,
-            "key_options": selectors.key_options(
-                request.viewer, explorer.team.id if explorer.team else None
-            ),
+            "key_options": key_options(request.viewer, explorer.team.id if explorer.team else None),
             "export_query": request.GET.urlencode(),
         },
         section="usage",
@@ -216,7 +223,7 @@ def request_list(request: DashboardRequest) -> HttpResponse:
         model=(data.get("model") or "").strip(),
         status=data.get("status") or "",
     )
-    log = selectors.request_log(scope, cursor=request.GET.get("cursor", "")[:200])
+    log = request_log(scope, cursor=request.GET.get("cursor", "")[:200])
     return page(
         request,
         "dashboard/requests/list.html",
@@ -224,7 +231,7 @@ def request_list(request: DashboardRequest) -> HttpResponse:
             "form": form,
             "log": log,
             "key": key,
-            "key_options": selectors.key_options(viewer, data.get("team")),
+            "key_options": key_options(viewer, data.get("team")),
             "cursor": request.GET.get("cursor", ""),
         },
         section="requests",
@@ -234,7 +241,7 @@ def request_list(request: DashboardRequest) -> HttpResponse:
 @require_GET
 @dashboard_view
 def request_detail(request: DashboardRequest, row_id: int) -> HttpResponse:
-    row = selectors.ledger_row(request.viewer, row_id)
+    row = ledger_row(request.viewer, row_id)
     if row is None:
         raise Http404("No such request.")
     key = (
@@ -250,7 +257,7 @@ def request_detail(request: DashboardRequest, row_id: int) -> HttpResponse:
             "row": row,
             "key": key,
             "team": team,
-            "attempts": selectors.request_attempts(row, request.viewer),
+            "attempts": request_attempts(row, request.viewer),
         },
         section="requests",
     )

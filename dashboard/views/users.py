@@ -3,34 +3,31 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.contrib.auth.models import User
-from django.db.models import Count
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods, require_POST
 
-from accounts.models import StaffRole
-from dashboard import selectors, services
+from accounts import services as account_services
+from accounts.selectors import finance_user_ids, user_get, users_with_team_counts
+from core.errors import GatewayError
 from dashboard.access import DashboardRequest, dashboard_view, require
 from dashboard.forms import PlatformRoleForm, UserCreateForm
+from dashboard.selectors.common import paginate
 from dashboard.views.common import form_error, page, posted
 
 
 def _users_page(request: DashboardRequest, form: UserCreateForm, status: int = 200) -> HttpResponse:
-    users = User.objects.annotate(team_count=Count("memberships")).order_by("username")
-    users_page = selectors.paginate(users, request.GET.get("page"))
+    users_page = paginate(users_with_team_counts(), request.GET.get("page"))
     rows = list(users_page.object_list)
-    finance = set(
-        StaffRole.objects.filter(user_id__in=[u.id for u in rows]).values_list("user_id", flat=True)
-    )
+    finance = finance_user_ids(u.id for u in rows)
     return page(
         request,
         "dashboard/users.html",
         {
             "page_obj": users_page,
-            "rows": [(u, services.platform_role_of(u, finance)) for u in rows],
+            "rows": [(u, account_services.platform_role_of(u, finance)) for u in rows],
             "form": form,
-            "roles": list(services.PLATFORM_ROLES.items()),
+            "roles": list(account_services.PLATFORM_ROLES.items()),
         },
         section="users",
         status=status,
@@ -45,14 +42,14 @@ def user_list(request: DashboardRequest) -> HttpResponse:
     if request.method == "POST":
         if form.is_valid():
             try:
-                user = services.user_create(
+                user = account_services.user_create(
                     username=form.cleaned_data["username"].strip(),
                     email=form.cleaned_data["email"],
                     password=form.cleaned_data["password"],
                     platform_role=form.cleaned_data["platform_role"] or "",
                     actor=request.user.username,
                 )
-            except services.DashboardError as exc:
+            except GatewayError as exc:
                 form_error(form, exc)
             else:
                 messages.success(request, f"{user.username} can now sign in.")
@@ -65,7 +62,7 @@ def user_list(request: DashboardRequest) -> HttpResponse:
 @dashboard_view
 def user_role(request: DashboardRequest, user_id: int) -> HttpResponse:
     require(request.viewer.can_manage_users)
-    user = User.objects.filter(id=user_id).first()
+    user = user_get(user_id)
     if user is None:
         raise Http404("No such user.")
     form = PlatformRoleForm(request.POST)
@@ -73,12 +70,12 @@ def user_role(request: DashboardRequest, user_id: int) -> HttpResponse:
         messages.error(request, "Pick a platform role.")
     else:
         try:
-            services.user_set_platform_role(
+            account_services.user_set_platform_role(
                 user=user,
                 platform_role=form.cleaned_data["platform_role"] or "",
                 actor_user=request.user,
             )
-        except services.DashboardError as exc:
+        except GatewayError as exc:
             messages.error(request, exc.message)
         else:
             messages.success(request, f"{user.username}'s platform role saved.")

@@ -16,9 +16,11 @@ from accounts.models import Team
 from billing import notifications, webhooks
 from billing.models import WebhookEndpoint
 from core.errors import GatewayError
-from dashboard import selectors
 from dashboard.access import DashboardRequest, dashboard_view, get_team_for_notifications
 from dashboard.forms import AlertRecipientsForm, WebhookForm
+from dashboard.selectors import webhooks as webhooks_selectors
+from dashboard.selectors.common import paginate
+from dashboard.selectors.webhooks import webhook_endpoint, webhook_endpoints
 from dashboard.views.common import form_error, page, posted, save_changes
 from dashboard.views.teams import team_page
 
@@ -26,7 +28,7 @@ DELIVERIES_PER_PAGE = 20
 
 
 def _endpoint(team: Team, public_id: str) -> WebhookEndpoint:
-    endpoint = selectors.webhook_endpoint(team, public_id)
+    endpoint = webhook_endpoint(team, public_id)
     if endpoint is None:
         raise Http404("No such webhook endpoint.")
     return endpoint
@@ -36,7 +38,7 @@ def _endpoint(team: Team, public_id: str) -> WebhookEndpoint:
 @dashboard_view
 def webhook_list(request: DashboardRequest, team_id: int) -> HttpResponse:
     team = get_team_for_notifications(request.viewer, team_id)
-    endpoints = selectors.webhook_endpoints(team)
+    endpoints = webhook_endpoints(team)
     return page(
         request,
         "dashboard/webhooks/list.html",
@@ -118,8 +120,10 @@ def webhook_delete(request: DashboardRequest, team_id: int, public_id: str) -> H
 def webhook_deliveries(request: DashboardRequest, team_id: int, public_id: str) -> HttpResponse:
     team = get_team_for_notifications(request.viewer, team_id)
     endpoint = _endpoint(team, public_id)
-    deliveries_page = selectors.paginate(
-        selectors.webhook_deliveries(endpoint), request.GET.get("page"), DELIVERIES_PER_PAGE
+    deliveries_page = paginate(
+        webhooks_selectors.webhook_deliveries(endpoint),
+        request.GET.get("page"),
+        DELIVERIES_PER_PAGE,
     )
     return page(
         request,
