@@ -11,21 +11,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
 from billing import invoices, notifications, rollups, webhooks
-from core.tasks import durable, time_limits
+from core.tasks import durable, send, task, time_limits
 
 
-@shared_task(name="billing.rollups_update", **durable(**time_limits(900)))
+@task("billing.rollups_update", **durable(**time_limits(900)))
 def rollups_update() -> dict[str, Any]:
     run = rollups.rollups_update()
     return {"cutoff": run.cutoff.isoformat(), "hours": run.hours}
 
 
-@shared_task(name="billing.rollups_rebuild", **durable(**time_limits(3600)))
+@task("billing.rollups_rebuild", **durable(**time_limits(3600)))
 def rollups_rebuild(since: str, until: str) -> dict[str, Any]:
     run = rollups.rollups_rebuild(
         since=datetime.fromisoformat(since), until=datetime.fromisoformat(until)
@@ -33,7 +32,7 @@ def rollups_rebuild(since: str, until: str) -> dict[str, Any]:
     return {"cutoff": run.cutoff.isoformat(), "hours": run.hours}
 
 
-@shared_task(name="billing.rollups_reconcile", **durable(**time_limits(1800)))
+@task("billing.rollups_reconcile", **durable(**time_limits(1800)))
 def rollups_reconcile(hours: int = 48, repair: bool = False) -> dict[str, Any]:
     until = rollups.floor_hour(timezone.now())
     run = rollups.rollups_reconcile(
@@ -42,12 +41,12 @@ def rollups_reconcile(hours: int = 48, repair: bool = False) -> dict[str, Any]:
     return {"id": run.id, "ok": run.ok, "differences": len(run.differences)}
 
 
-@shared_task(name="billing.invoices_draft_due", **durable(**time_limits(1800)))
+@task("billing.invoices_draft_due", **durable(**time_limits(1800)))
 def invoices_draft_due() -> list[int]:
     return invoices.invoices_draft_due()
 
 
-@shared_task(name="billing.alerts_dispatch", **durable())
+@task("billing.alerts_dispatch", **durable())
 def alerts_dispatch() -> int:
     sent = 0
     for alert_id in notifications.alerts_pending():
@@ -55,13 +54,13 @@ def alerts_dispatch() -> int:
     return sent
 
 
-@shared_task(name="billing.alert_deliver", **durable())
+@task("billing.alert_deliver", **durable())
 def alert_deliver(alert_id: int) -> bool:
     return notifications.alert_deliver(alert_id=alert_id).delivered
 
 
 # The delivery's own deadline ends it first; the limits catch DNS and the database.
-@shared_task(
+@task(
     name="billing.webhook_deliver",
     **durable(**time_limits(settings.GATEWAY_WEBHOOK_TIMEOUT_SECONDS + 30)),
 )
@@ -70,22 +69,22 @@ def webhook_deliver(delivery_id: int) -> str:
     if result.retry_in is not None and result.retry_in <= webhooks.SHORT_RETRY_SECONDS:
         # Later retries are picked up by notifications_retry_due (beat): a long
         # countdown would sit in a worker's memory and outlive the broker's timeout.
-        webhook_deliver.apply_async((delivery_id,), countdown=result.retry_in)
+        send("billing.webhook_deliver", delivery_id, countdown=result.retry_in)
     return result.status
 
 
 # SMTP's timeout is per operation (EMAIL_TIMEOUT_SECONDS); a dripping server is cut here.
-@shared_task(name="billing.email_send", **durable(**time_limits(settings.EMAIL_TIMEOUT * 3 + 30)))
+@task("billing.email_send", **durable(**time_limits(settings.EMAIL_TIMEOUT * 3 + 30)))
 def email_send(email_id: int) -> str:
     return notifications.email_send(email_id=email_id)
 
 
-@shared_task(name="billing.notifications_retry_due", **durable())
+@task("billing.notifications_retry_due", **durable())
 def notifications_retry_due() -> int:
     due = webhooks.deliveries_due()
     for delivery_id in due:
-        webhook_deliver.delay(delivery_id)
+        send("billing.webhook_deliver", delivery_id)
     emails = notifications.emails_due()
     for email_id in emails:
-        email_send.delay(email_id)
+        send("billing.email_send", email_id)
     return len(due) + len(emails)

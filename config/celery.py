@@ -36,7 +36,6 @@ app.conf.task_routes = {
 }
 
 
-@app.on_after_configure.connect
 def _beat_schedule(sender: Celery, **kwargs: Any) -> None:
     from django.conf import settings
 
@@ -72,7 +71,6 @@ def _beat_schedule(sender: Celery, **kwargs: Any) -> None:
     }
 
 
-@worker_ready.connect
 def _resume_after_start(sender: Any = None, **kwargs: Any) -> None:
     # A worker that starts after another was killed picks up its batches once their
     # claims have lapsed, without waiting for beat (or for the broker's redelivery).
@@ -81,3 +79,8 @@ def _resume_after_start(sender: Any = None, **kwargs: Any) -> None:
     app.send_task(
         "gateway.batches_resume", countdown=float(settings.GATEWAY_BATCH_LEASE_SECONDS) + 0.5
     )
+
+
+# Connected by call, not as decorators: Celery's untyped decorators would erase the types.
+app.on_after_configure.connect(_beat_schedule)
+worker_ready.connect(_resume_after_start)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import wraps
+from functools import update_wrapper
 from typing import Concatenate, ParamSpec
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
@@ -224,13 +224,14 @@ def dashboard_view(
 ) -> Callable[Concatenate[HttpRequest, P], HttpResponse]:
     """Sign-in required; attaches `request.viewer` for the getters and templates."""
 
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
+    def wrapper(request: HttpRequest, /, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
         if not request.user.is_authenticated or not request.user.is_active:
             return redirect_to_login(request.get_full_path())
         request.viewer = load_viewer(request.user)  # type: ignore[attr-defined]
         return view(request, *args, **kwargs)  # type: ignore[arg-type]
 
+    # Not @wraps: its return type would claim the view's DashboardRequest signature.
+    update_wrapper(wrapper, view)
     return wrapper
 
 

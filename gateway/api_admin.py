@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Prefetch
+from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from django.shortcuts import get_object_or_404
 from ninja import Query, Router, Schema
@@ -159,7 +159,7 @@ def team_delete(request: HttpRequest, team_id: int) -> tuple[int, None]:
 # --- keys ----------------------------------------------------------------------------------------
 
 
-def _keys() -> Any:
+def _keys() -> QuerySet[VirtualKey]:
     newest = KeySecret.objects.order_by("-created_at")
     return VirtualKey.objects.prefetch_related(Prefetch("secrets", queryset=newest))
 

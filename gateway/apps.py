@@ -57,7 +57,7 @@ def _never_follow_redirects() -> None:
     create = AsyncHTTPHandler.create_client
 
     def create_without_redirects(self: Any, *args: Any, **kwargs: Any) -> httpx.AsyncClient:
-        client = create(self, *args, **kwargs)
+        client: httpx.AsyncClient = create(self, *args, **kwargs)
         client.follow_redirects = False
         return client
 

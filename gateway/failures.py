@@ -133,4 +133,4 @@ def backoff(retry: int, exc: upstream.UpstreamError, base: float, cap: float) ->
         # exactly Retry-After) must have ended when the retry picks again.
         return exc.retry_after + 0.05 if exc.retry_after <= cap else None
     # Exponential with full jitter around the nominal delay.
-    return min(MAX_BACKOFF_SECONDS, base * (2**retry)) * random.uniform(0.5, 1.5)  # noqa: S311
+    return min(MAX_BACKOFF_SECONDS, base * (2.0**retry)) * random.uniform(0.5, 1.5)  # noqa: S311

@@ -72,7 +72,9 @@ def _storage_name(team_id: int, public_id: str) -> str:
     return f"team-{team_id}/{public_id}.jsonl"
 
 
-def file_create(*, principal: KeyPrincipal, purpose: str, upload: UploadedFile) -> StoredFile:
+def file_create(
+    *, principal: KeyPrincipal, purpose: str, upload: UploadedFile[bytes]
+) -> StoredFile:
     if purpose not in UPLOAD_PURPOSES:
         raise invalid_request(
             f"Invalid purpose {purpose!r}: this gateway accepts files with purpose 'batch'.",

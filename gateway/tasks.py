@@ -6,20 +6,18 @@ claimed by compare-and-set and billed under request ids derived from the batch.
 
 from __future__ import annotations
 
-from celery import shared_task
-
-from core.tasks import durable, time_limits
+from core.tasks import durable, task, time_limits
 from gateway import batch_runner
 
 
 # A batch can outlast any limit: when this one interrupts a run, its line claims lapse
 # and gateway.batches_resume (beat, every minute) queues the rest; lines are claimed
 # by compare-and-set, so nothing runs twice.
-@shared_task(name="gateway.batch_run", **durable(**time_limits(3600)))
+@task("gateway.batch_run", **durable(**time_limits(3600)))
 def batch_run(batch_id: int) -> str:
     return batch_runner.batch_process(batch_id=batch_id)
 
 
-@shared_task(name="gateway.batches_resume", **durable())
+@task("gateway.batches_resume", **durable())
 def batches_resume() -> list[int]:
     return batch_runner.batches_resume()

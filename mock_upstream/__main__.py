@@ -16,7 +16,7 @@ import uvicorn
 from mock_upstream.app import app, install_log_filter
 
 
-class _Server(uvicorn.Server):
+class _Server(uvicorn.Server):  # type: ignore[misc]  # uvicorn ships no types
     """Prints the ready line only once the socket is bound, so callers can wait for it."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:

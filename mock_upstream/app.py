@@ -1281,7 +1281,7 @@ def pick_openai_tool(
 ) -> dict[str, Any] | None:
     if not tools or choice == "none":
         return None
-    functions = [
+    functions: list[dict[str, Any]] = [
         tool["function"]
         for tool in tools
         if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
