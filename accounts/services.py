@@ -13,7 +13,7 @@ import contextvars
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, TypedDict, Unpack
 
 from django.contrib.auth.models import User
 from django.contrib.auth.password_validation import validate_password
@@ -36,7 +36,56 @@ from core.errors import GatewayError, invalid_request
 # --- Teams ----------------------------------------------------------------------
 
 
-def team_create(*, name: str, actor: str = "system", **fields: Any) -> Team:
+BudgetPeriodName = Literal["daily", "weekly", "monthly", "total"]
+
+
+class TeamFields(TypedDict, total=False):
+    """What a team create or update may set besides its name (money in micro-USD)."""
+
+    budget_micro_usd: int | None
+    budget_period: BudgetPeriodName
+    timezone: str
+    alert_thresholds: list[int]
+    markup_percent: Decimal
+    rpm_limit: int | None
+    tpm_limit: int | None
+    cache_ttl_seconds: int | None
+    metadata: dict[str, Any]
+    member_key_max_budget_micro_usd: int | None
+    member_key_max_rpm: int | None
+    member_key_max_tpm: int | None
+    member_key_allowed_models: list[str]
+    member_key_max_lifetime_days: int | None
+
+
+class KeyFields(TypedDict, total=False):
+    """What a key create or update may set besides its name (money in micro-USD)."""
+
+    owner: Any  # the dashboard user (django.contrib.auth User) or None
+    owner_id: int | None
+    allowed_models: list[str]
+    expires_at: datetime | None
+    metadata: dict[str, Any]
+    max_budget_micro_usd: int | None
+    budget_period: BudgetPeriodName
+    rpm_limit: int | None
+    tpm_limit: int | None
+    cache_ttl_seconds: int | None
+
+
+class TeamChanges(TeamFields, total=False):
+    """A team update may also rename it."""
+
+    name: str
+
+
+class KeyChanges(KeyFields, total=False):
+    """A key update may also rename it."""
+
+    name: str
+
+
+def team_create(*, name: str, actor: str = "system", **fields: Unpack[TeamFields]) -> Team:
     if Team.objects.filter(name=name).exists():
         raise GatewayError(
             f"A team named {name!r} already exists.", 409, code="conflict", param="name"
@@ -49,7 +98,7 @@ def team_create(*, name: str, actor: str = "system", **fields: Any) -> Team:
     return team
 
 
-def team_update(*, team: Team, actor: str = "system", **fields: Any) -> Team:
+def team_update(*, team: Team, actor: str = "system", **fields: Unpack[TeamChanges]) -> Team:
     name = fields.get("name")
     if name and Team.objects.filter(name=name).exclude(id=team.id).exists():
         raise GatewayError(
@@ -174,7 +223,12 @@ def key_policy_check(*, team: Team, key: VirtualKey, created_at: datetime) -> No
 
 
 def key_create(
-    *, team: Team, name: str, actor: str = "system", as_member: bool = False, **fields: Any
+    *,
+    team: Team,
+    name: str,
+    actor: str = "system",
+    as_member: bool = False,
+    **fields: Unpack[KeyFields],
 ) -> IssuedKey:
     """Issue a key. `as_member`: the actor is a plain team member, bound by the team's policy."""
     with transaction.atomic():
@@ -189,7 +243,11 @@ def key_create(
 
 
 def key_update(
-    *, key: VirtualKey, actor: str = "system", as_member: bool = False, **fields: Any
+    *,
+    key: VirtualKey,
+    actor: str = "system",
+    as_member: bool = False,
+    **fields: Unpack[KeyChanges],
 ) -> VirtualKey:
     before = snapshot(key)
     for attr, value in fields.items():

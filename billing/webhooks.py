@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -213,8 +213,17 @@ def endpoint_create(
     return CreatedEndpoint(endpoint=endpoint, secret=secret)
 
 
+class EndpointChanges(TypedDict, total=False):
+    """What an endpoint update may change (its secret only by rotation, never here)."""
+
+    url: str
+    description: str
+    events: list[str]
+    enabled: bool
+
+
 def endpoint_update(
-    *, endpoint: WebhookEndpoint, actor: str = "system", **fields: Any
+    *, endpoint: WebhookEndpoint, actor: str = "system", **fields: Unpack[EndpointChanges]
 ) -> WebhookEndpoint:
     if "url" in fields:
         validate_url(fields["url"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets as _secrets
 from collections.abc import Iterable
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from django.db import transaction
 
@@ -20,6 +20,50 @@ from core.crypto import encrypt_secret
 from core.errors import GatewayError, invalid_request
 from gateway.models import ConfigVersion, ModelAlias, ModelDeployment, ModelGroup
 from gateway.selectors import model_names
+
+
+class DeploymentFields(TypedDict, total=False):
+    """What a deployment create or update may set; `api_key` is stored encrypted, never as given."""
+
+    api_base: str
+    api_key: str | None
+    api_version: str
+    input_cost_per_million: Decimal | None
+    output_cost_per_million: Decimal | None
+    cached_input_cost_per_million: Decimal | None
+    cache_write_cost_per_million: Decimal | None
+    reasoning_cost_per_million: Decimal | None
+    context_length: int | None
+    max_output_tokens: int | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    weight: int
+    priority: int | None
+    timeout_seconds: float | None
+    drop_unsupported_params: bool
+    capabilities: dict[str, Any]
+    enabled: bool
+
+
+class DeploymentChanges(DeploymentFields, total=False):
+    """An update may also rename the deployment or point it at another provider model."""
+
+    name: str
+    provider_model: str
+
+
+class GroupFields(TypedDict, total=False):
+    """A public model's routing policy (gateway.models.ModelGroup)."""
+
+    routing_strategy: str
+    fallbacks: list[str]
+    context_window_fallbacks: list[str]
+    content_policy_fallbacks: list[str]
+    num_retries: int
+    retry_backoff_seconds: float
+    max_retry_after_seconds: float
+    allowed_fails: int
+    cooldown_seconds: float
 
 
 def config_version_bump() -> str:
@@ -33,11 +77,13 @@ def config_version_bump() -> str:
 # --- Model deployments ----------------------------------------------------------------
 
 
-def _apply_deployment_fields(deployment: ModelDeployment, fields: dict[str, Any]) -> list[str]:
+def _apply_deployment_fields(
+    deployment: ModelDeployment, fields: DeploymentFields | DeploymentChanges
+) -> list[str]:
     changed = []
     for attr, value in fields.items():
         if attr == "api_key":
-            deployment.api_key_encrypted = encrypt_secret(value or "")
+            deployment.api_key_encrypted = encrypt_secret(str(value or ""))
             changed.append("api_key_encrypted")
         else:
             setattr(deployment, attr, value)
@@ -56,7 +102,7 @@ def _check_provider_model(provider_model: str) -> None:
 
 
 def deployment_create(
-    *, name: str, provider_model: str, actor: str = "system", **fields: Any
+    *, name: str, provider_model: str, actor: str = "system", **fields: Unpack[DeploymentFields]
 ) -> ModelDeployment:
     _check_provider_model(provider_model)
     deployment = ModelDeployment(name=name, provider_model=provider_model)
@@ -70,7 +116,7 @@ def deployment_create(
 
 
 def deployment_update(
-    *, deployment: ModelDeployment, actor: str = "system", **fields: Any
+    *, deployment: ModelDeployment, actor: str = "system", **fields: Unpack[DeploymentChanges]
 ) -> ModelDeployment:
     if "provider_model" in fields:
         _check_provider_model(fields["provider_model"])
@@ -122,14 +168,17 @@ def fallback_problem(
     return None
 
 
-def group_save(*, name: str, actor: str = "system", **fields: Any) -> ModelGroup:
+def group_save(*, name: str, actor: str = "system", **fields: Unpack[GroupFields]) -> ModelGroup:
     """Create or update the routing policy of the public model `name`."""
-    if any(fields.get(field) for field in FALLBACK_FIELDS):
+    lists: dict[str, list[str]] = {
+        "fallbacks": fields.get("fallbacks") or [],
+        "context_window_fallbacks": fields.get("context_window_fallbacks") or [],
+        "content_policy_fallbacks": fields.get("content_policy_fallbacks") or [],
+    }
+    if any(lists.values()):
         known = set(model_names())
         for field in FALLBACK_FIELDS:
-            problem = fallback_problem(
-                model=name, field=field, names=fields.get(field) or [], known=known
-            )
+            problem = fallback_problem(model=name, field=field, names=lists[field], known=known)
             if problem:
                 raise invalid_request(problem, param=field)
     with transaction.atomic():
