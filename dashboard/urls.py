@@ -9,6 +9,7 @@ from django.views.static import serve
 
 from dashboard.views import (
     audit,
+    invitations,
     invoices,
     keys,
     models,
@@ -38,6 +39,8 @@ urlpatterns = [
     path("teams/<int:team_id>/edit/", teams.team_edit, name="team-edit"),
     path("teams/<int:team_id>/key-policy/", teams.team_key_policy, name="team-key-policy"),
     path("teams/<int:team_id>/members/add/", teams.member_add, name="member-add"),
+    path("teams/<int:team_id>/invite/", invitations.invite, name="team-invite"),
+    path("invite/<str:token>/", invitations.accept, name="invitation"),
     path(
         "teams/<int:team_id>/members/<int:membership_id>/role/",
         teams.member_role,
