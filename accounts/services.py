@@ -233,3 +233,41 @@ def key_rotate(
         locked.save(update_fields=["updated_at"])
         audit(actor=actor, action="rotate", obj=locked, before=before, team_id=locked.team_id)
     return IssuedKey(key=locked, secret=secret)
+
+
+# --- People ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreatedLogin:
+    username: str
+    password: str
+
+
+def demo_admin_create(*, username: str = "admin", actor: str = "system") -> CreatedLogin | None:
+    """The first platform admin of a fresh install, with a random password, or None.
+
+    Only while there is no superuser at all, so a real install is never given one; the
+    password is returned once to be printed and only its hash is kept.
+    """
+    import secrets
+
+    from django.contrib.auth.models import User
+
+    with transaction.atomic():
+        if User.objects.filter(is_superuser=True).exists():
+            return None
+        name, n = username, 1
+        while User.objects.filter(username=name).exists():
+            n += 1
+            name = f"{username}{n}"
+        password = secrets.token_urlsafe(12)
+        user = User.objects.create_superuser(name, email="", password=password)
+        audit(
+            actor=actor,
+            action="create",
+            obj=user,
+            before=None,
+            after={"username": user.username, "is_superuser": True},
+        )
+    return CreatedLogin(username=name, password=password)
