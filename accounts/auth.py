@@ -60,6 +60,8 @@ class KeyPrincipal:
     cache_ttl_seconds: int | None
     # The dashboard user the key belongs to (None for keys of the management API).
     owner_id: int | None = None
+    # The owner is deactivated (SCIM); the key works again on reactivation.
+    suspended: bool = False
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -104,6 +106,7 @@ def _load(secret_hash: str) -> KeyPrincipal | None:
         alert_thresholds=tuple(int(t) for t in team.alert_thresholds or ()),
         cache_ttl_seconds=key.cache_ttl_seconds or team.cache_ttl_seconds,
         owner_id=key.owner_id,
+        suspended=key.suspended_at is not None,
     )
 
 
@@ -195,6 +198,8 @@ async def authenticate(request: HttpRequest) -> KeyPrincipal:
         raise errors.invalid_key()
     if principal.revoked:
         raise errors.invalid_key("This API key has been revoked.")
+    if principal.suspended:
+        raise errors.invalid_key("This API key is suspended: its owner's account is deactivated.")
     now = timezone.now()
     if principal.key_expires_at is not None and principal.key_expires_at <= now:
         raise errors.invalid_key("This API key has expired.")

@@ -22,6 +22,17 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 
+def validate_sso_groups(value: object) -> None:
+    """`Team.sso_groups`: {"IdP group": "member" | "admin"}, group names non-empty."""
+    if not isinstance(value, dict):
+        raise ValidationError('sso_groups must map group names to "member" or "admin".')
+    for group, role in value.items():
+        if not isinstance(group, str) or not group.strip() or len(group) > 256:
+            raise ValidationError(f"sso_groups: {group!r} is not a group name (1-256 characters).")
+        if role not in ("member", "admin"):
+            raise ValidationError(f'sso_groups: the role of {group!r} must be "member" or "admin".')
+
+
 class BudgetPeriod(models.TextChoices):
     DAILY = "daily"
     WEEKLY = "weekly"
@@ -82,6 +93,9 @@ class Team(models.Model):
     member_key_allowed_models = models.JSONField(default=list, blank=True)
     # Days from a member key's creation to its expiry, at most.
     member_key_max_lifetime_days = models.PositiveIntegerField(null=True, blank=True)
+    # IdP groups that make someone a member or an admin of this team, as
+    # {"group name": "member" | "admin"}; applied at every SSO login and by SCIM.
+    sso_groups = models.JSONField(default=dict, blank=True, validators=[validate_sso_groups])
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -147,6 +161,9 @@ class VirtualKey(models.Model):
     tpm_limit = models.PositiveBigIntegerField(null=True, blank=True)
     # Overrides the team's response-cache TTL for this key; null inherits it.
     cache_ttl_seconds = models.PositiveIntegerField(null=True, blank=True)
+    # Set while the key's owner is deactivated (SCIM): refused like a revoked key, and
+    # cleared on reactivation, unlike a revocation.
+    suspended_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -195,6 +212,9 @@ class Membership(models.Model):
     # Deleting a team removes its memberships; the audit log keeps the history.
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
     role = models.CharField(max_length=16, choices=TeamRole.choices, default=TeamRole.MEMBER)
+    # "sso" when the IdP's groups (SSO login or SCIM) set this membership: only those
+    # are removed when the groups no longer grant it; "" was added by a person.
+    managed_by = models.CharField(max_length=16, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -228,3 +248,90 @@ class StaffRole(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id}:{self.role}"
+
+
+# --- Identity: single sign-on, SCIM provisioning, invitations ---------------------------
+
+
+class UserIdentity(models.Model):
+    """How a person is known to the identity provider: the OIDC subject and the SCIM ids.
+
+    Platform roles granted by IdP groups are flagged, so that only those are taken
+    back when the groups no longer grant them (a role given by hand stays).
+    """
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="identity"
+    )
+    oidc_issuer = models.CharField(max_length=500, blank=True, default="")
+    oidc_subject = models.CharField(max_length=255, blank=True, default="")
+    # The SCIM resource id we hand out, and the IdP's own id for the user.
+    scim_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    scim_external_id = models.CharField(max_length=255, blank=True, default="")
+    scim_provisioned = models.BooleanField(default=False)
+    admin_by_sso = models.BooleanField(default=False)
+    finance_by_sso = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["oidc_issuer", "oidc_subject"],
+                condition=~models.Q(oidc_subject=""),
+                name="identity_oidc_subject_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}:{self.oidc_subject or self.scim_external_id}"
+
+
+class ScimGroup(models.Model):
+    """A group pushed by the IdP over SCIM; teams whose `sso_groups` name it follow it."""
+
+    scim_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    display_name = models.CharField(max_length=256, unique=True)
+    external_id = models.CharField(max_length=255, blank=True, default="")
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="scim_groups"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["display_name"]
+
+    def __str__(self) -> str:
+        return self.display_name
+
+
+class Invitation(models.Model):
+    """A team admin's invitation by e-mail: a single-use link that sets a password.
+
+    Only a SHA-256 of the link's token is kept, as for key secrets.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=TeamRole.choices, default=TeamRole.MEMBER)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.email}@{self.team_id}"

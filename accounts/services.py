@@ -56,6 +56,8 @@ class TeamFields(TypedDict, total=False):
     member_key_max_tpm: int | None
     member_key_allowed_models: list[str]
     member_key_max_lifetime_days: int | None
+    # {"IdP group": "member" | "admin"} (accounts.models.validate_sso_groups)
+    sso_groups: dict[str, str]
 
 
 class KeyFields(TypedDict, total=False):
@@ -463,3 +465,41 @@ def platform_role_of(user: User, finance_ids: set[int]) -> str:
     if user.is_superuser:
         return "admin"
     return "finance" if user.id in finance_ids else ""
+
+
+# --- People ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreatedLogin:
+    username: str
+    password: str
+
+
+def demo_admin_create(*, username: str = "admin", actor: str = "system") -> CreatedLogin | None:
+    """The first platform admin of a fresh install, with a random password, or None.
+
+    Only while there is no superuser at all, so a real install is never given one; the
+    password is returned once to be printed and only its hash is kept.
+    """
+    import secrets
+
+    from django.contrib.auth.models import User
+
+    with transaction.atomic():
+        if User.objects.filter(is_superuser=True).exists():
+            return None
+        name, n = username, 1
+        while User.objects.filter(username=name).exists():
+            n += 1
+            name = f"{username}{n}"
+        password = secrets.token_urlsafe(12)
+        user = User.objects.create_superuser(name, email="", password=password)
+        audit(
+            actor=actor,
+            action="create",
+            obj=user,
+            before=None,
+            after={"username": user.username, "is_superuser": True},
+        )
+    return CreatedLogin(username=name, password=password)

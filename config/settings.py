@@ -239,7 +239,9 @@ if SECURE_HSTS_PRELOAD and (SECURE_HSTS_SECONDS < 31536000 or not SECURE_HSTS_IN
 # GATEWAY_LOGIN_COOLOFF_SECONDS; the same username from elsewhere is not locked out.
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
-    "django.contrib.auth.backends.ModelBackend",
+    # ModelBackend that refuses passwords of all but superusers under
+    # GATEWAY_PASSWORD_LOGIN=false; SSO sessions use it too (it loads the user).
+    "accounts.backends.PasswordLoginBackend",
 ]
 AXES_FAILURE_LIMIT = env_int("GATEWAY_LOGIN_FAILURE_LIMIT", 5, minimum=1)
 AXES_COOLOFF_TIME = timedelta(seconds=env_int("GATEWAY_LOGIN_COOLOFF_SECONDS", 900, minimum=1))
@@ -416,3 +418,42 @@ GATEWAY_BATCH_LEASE_SECONDS = env_float("GATEWAY_BATCH_LEASE_SECONDS", 60.0, min
 # One task works on a batch for at most this long, then hands over to a fresh task
 # (well under the broker's visibility timeout, so a slow batch is never redelivered).
 GATEWAY_BATCH_SLICE_SECONDS = env_float("GATEWAY_BATCH_SLICE_SECONDS", 300.0, minimum=1)
+
+# --- Identity: single sign-on (OIDC), SCIM provisioning, invitations --------------------
+# OIDC is on when an issuer is set; its endpoints come from the issuer's discovery
+# document (accounts/sso.py). The client must be registered at the IdP with the
+# redirect URI <site>/sso/callback/.
+GATEWAY_OIDC_ISSUER = env_str("GATEWAY_OIDC_ISSUER")
+GATEWAY_OIDC_CLIENT_ID = env_str("GATEWAY_OIDC_CLIENT_ID")
+GATEWAY_OIDC_CLIENT_SECRET = env_str("GATEWAY_OIDC_CLIENT_SECRET")
+GATEWAY_OIDC_SCOPES = env_str("GATEWAY_OIDC_SCOPES", "openid email profile")
+GATEWAY_OIDC_GROUPS_CLAIM = env_str("GATEWAY_OIDC_GROUPS_CLAIM", "groups")
+# IdP groups whose members are platform admins, or finance, while they hold the group.
+GATEWAY_OIDC_ADMIN_GROUPS = env_list("GATEWAY_OIDC_ADMIN_GROUPS", [])
+GATEWAY_OIDC_FINANCE_GROUPS = env_list("GATEWAY_OIDC_FINANCE_GROUPS", [])
+# False: only SSO signs people in, except superusers (the break-glass account).
+GATEWAY_PASSWORD_LOGIN = env_bool("GATEWAY_PASSWORD_LOGIN", True)
+if GATEWAY_OIDC_ISSUER:
+    if not GATEWAY_OIDC_ISSUER.startswith(("https://", "http://")):
+        raise ImproperlyConfigured(
+            f"GATEWAY_OIDC_ISSUER={GATEWAY_OIDC_ISSUER!r} is not a URL: use the issuer as the "
+            "IdP states it, e.g. https://login.example.com/realms/acme."
+        )
+    if not GATEWAY_OIDC_CLIENT_ID or not GATEWAY_OIDC_CLIENT_SECRET:
+        raise ImproperlyConfigured(
+            "GATEWAY_OIDC_ISSUER is set: GATEWAY_OIDC_CLIENT_ID and GATEWAY_OIDC_CLIENT_SECRET "
+            "are required too (the client registered at the IdP)."
+        )
+    if "openid" not in GATEWAY_OIDC_SCOPES.split():
+        raise ImproperlyConfigured(
+            f"GATEWAY_OIDC_SCOPES={GATEWAY_OIDC_SCOPES!r} must include openid."
+        )
+elif not GATEWAY_PASSWORD_LOGIN:
+    raise ImproperlyConfigured(
+        "GATEWAY_PASSWORD_LOGIN=false leaves no way to sign in: set GATEWAY_OIDC_ISSUER "
+        "(and its client) too."
+    )
+# Bearer token of the SCIM 2.0 endpoint (/scim/v2/); SCIM is off while it is empty.
+GATEWAY_SCIM_TOKEN = env_str("GATEWAY_SCIM_TOKEN")
+# How long an invitation link works.
+GATEWAY_INVITATION_DAYS = env_int("GATEWAY_INVITATION_DAYS", 7, minimum=1)

@@ -8,8 +8,10 @@ from django.http import HttpResponse
 from core.errors import GatewayError
 
 
-def json_response(data: object, status: int = 200) -> HttpResponse:
-    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json")
+def json_response(
+    data: object, status: int = 200, content_type: str = "application/json"
+) -> HttpResponse:
+    return HttpResponse(orjson.dumps(data), status=status, content_type=content_type)
 
 
 def error_body(error: GatewayError, dialect: str = "openai") -> bytes:

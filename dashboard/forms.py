@@ -90,10 +90,18 @@ class TeamForm(forms.Form):
     )
     rpm_limit = limit_field("Requests per minute")
     tpm_limit = limit_field("Tokens per minute")
+    sso_groups = forms.CharField(
+        required=False,
+        label="SSO groups",
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="One IdP group per line, as `group = member` or `group = admin`. "
+        "Its members get that role here at every SSO login and SCIM update.",
+    )
 
     @classmethod
     def initial_for(cls, team: Team) -> dict[str, Any]:
         return {
+            "sso_groups": "\n".join(f"{g} = {r}" for g, r in (team.sso_groups or {}).items()),
             "name": team.name,
             "budget_usd": micro_to_usd(team.budget_micro_usd),
             "budget_period": team.budget_period,
@@ -122,9 +130,24 @@ class TeamForm(forms.Form):
                 raise forms.ValidationError(f"'{part}' is not a whole percentage.") from None
         return alert_thresholds_check(values)
 
+    def clean_sso_groups(self) -> dict[str, str]:
+        mapping: dict[str, str] = {}
+        for line in str(self.cleaned_data["sso_groups"] or "").splitlines():
+            if not line.strip():
+                continue
+            group, sep, role = line.rpartition("=")
+            group, role = group.strip(), role.strip().lower()
+            if not sep or not group or role not in ("member", "admin"):
+                raise forms.ValidationError(
+                    f"'{line.strip()}': write each line as `group = member` or `group = admin`."
+                )
+            mapping[group] = role
+        return mapping
+
     def to_fields(self) -> dict[str, Any]:
         data = self.cleaned_data
         return {
+            "sso_groups": data["sso_groups"],
             "name": data["name"],
             "budget_micro_usd": money_to_micro(data["budget_usd"]),
             "budget_period": data["budget_period"],

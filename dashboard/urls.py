@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 from django.views.static import serve
 
 from dashboard.views import (
     audit,
+    invitations,
     invoices,
     keys,
     models,
     overview,
+    sso,
     teams,
     usage,
     users,
@@ -25,16 +26,10 @@ app_name = "dashboard"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 urlpatterns = [
-    path(
-        "login/",
-        auth_views.LoginView.as_view(
-            template_name="dashboard/login.html",
-            redirect_authenticated_user=True,
-            next_page="/overview/",
-        ),
-        name="login",
-    ),
-    path("logout/", auth_views.LogoutView.as_view(next_page="/login/"), name="logout"),
+    path("login/", sso.LoginView.as_view(), name="login"),
+    path("logout/", sso.logout_view, name="logout"),
+    path("sso/login/", sso.sso_start, name="sso-login"),
+    path("sso/callback/", sso.sso_callback, name="sso-callback"),
     # "/" itself belongs to the API (django-ninja registers its root there first).
     path("overview/", overview.overview, name="overview"),
     # teams
@@ -44,6 +39,8 @@ urlpatterns = [
     path("teams/<int:team_id>/edit/", teams.team_edit, name="team-edit"),
     path("teams/<int:team_id>/key-policy/", teams.team_key_policy, name="team-key-policy"),
     path("teams/<int:team_id>/members/add/", teams.member_add, name="member-add"),
+    path("teams/<int:team_id>/invite/", invitations.invite, name="team-invite"),
+    path("invite/<str:token>/", invitations.accept, name="invitation"),
     path(
         "teams/<int:team_id>/members/<int:membership_id>/role/",
         teams.member_role,

@@ -118,6 +118,8 @@ def _team_fields(fields: dict[str, Any]) -> dict[str, Any]:
         )
     if "member_key_allowed_models" in fields and fields["member_key_allowed_models"] is None:
         fields["member_key_allowed_models"] = []  # null: no cap, as an empty list
+    if "sso_groups" in fields and fields["sso_groups"] is None:
+        fields["sso_groups"] = {}  # null: no groups
     if "markup_percent" in fields and fields["markup_percent"] is None:
         fields.pop("markup_percent")
     for name in ("budget_period", "timezone", "alert_thresholds", "metadata", "name"):

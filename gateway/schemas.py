@@ -145,6 +145,8 @@ class TeamPatch(Schema):
     member_key_max_tpm: int | None = Field(None, ge=1)
     member_key_allowed_models: list[str] | None = None
     member_key_max_lifetime_days: int | None = Field(None, ge=1, le=36500)
+    # IdP groups → the role they give in this team (SSO logins and SCIM apply it).
+    sso_groups: dict[str, Literal["member", "admin"]] | None = None
 
     @field_validator("budget_usd")
     @classmethod
@@ -178,6 +180,7 @@ class TeamOut(Schema):
     member_key_max_tpm: int | None
     member_key_allowed_models: list[str]
     member_key_max_lifetime_days: int | None
+    sso_groups: dict[str, str]
     created_at: datetime
 
     @staticmethod
@@ -201,6 +204,7 @@ class TeamOut(Schema):
             member_key_max_tpm=team.member_key_max_tpm,
             member_key_allowed_models=list(team.member_key_allowed_models or []),
             member_key_max_lifetime_days=team.member_key_max_lifetime_days,
+            sso_groups=dict(team.sso_groups or {}),
             created_at=team.created_at,
         )
 

@@ -1,7 +1,8 @@
 """Create the demo set-up for `make run`, idempotently.
 
-Models served by the project's own mock upstream, a demo team, and a demo key whose
-secret is printed only when it is first created (only its hash is stored).
+Models served by the project's own mock upstream, a demo team, a demo key whose
+secret is printed only when it is first created (only its hash is stored), and, while
+no superuser exists, a platform admin whose random password is printed the same way.
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ class Command(BaseCommand):
             name=DEMO_TEAM, budget_micro_usd=10_000_000, alert_thresholds=[50, 80, 100]
         )
         gateway_url = options["gateway_url"].rstrip("/")
+        # A newcomer can open the dashboard at once: the first run makes a platform admin.
+        admin = account_services.demo_admin_create()
+        if admin is not None:
+            self.stdout.write(
+                f"""
+Dashboard: {gateway_url}/login/ as a platform admin (shown only this once):
+
+    username: {admin.username}
+    password: {admin.password}
+"""
+            )
         if VirtualKey.objects.filter(team=team, name=DEMO_KEY, revoked_at__isnull=True).exists():
             self.stdout.write(
                 "Demo set-up already exists; its key was printed when it was first created.\n"
