@@ -476,3 +476,92 @@ class EmailNotification(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.status})"
+
+
+# --- Reconciliation with the providers' bills -------------------------------------------------
+
+
+class ProviderCostImport(models.Model):
+    """One provider export file imported: the same bytes are never applied twice."""
+
+    provider = models.CharField(max_length=64)
+    kind = models.CharField(max_length=16)  # "costs" | "usage": what the file held
+    sha256 = models.CharField(max_length=64)
+    filename = models.CharField(max_length=500, blank=True, default="")
+    period = models.CharField(max_length=7, blank=True, default="")  # "2026-03", or "" for any
+    first_day = models.DateField()
+    last_day = models.DateField()
+    rows = models.PositiveIntegerField(default=0)  # provider/model/day rows in the file
+    imported_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-imported_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "sha256"], name="provider_import_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.kind} {self.first_day}..{self.last_day}"
+
+
+class ProviderCost(models.Model):
+    """What a provider says one of its models cost (and used) on one UTC day.
+
+    Exact: USD as a Decimal, because providers bill below the micro-dollar (Anthropic
+    reports fractional cents). Each day of an export states the whole day for that
+    model, so importing a newer export of the same day replaces the figures rather
+    than adding to them; that is also what makes a re-import a no-op.
+    `cost_usd` is None until a costs export covered the day (a usage export only
+    brings token counts), and the token counts are None until a usage export did.
+    """
+
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=300)  # as the provider names it, e.g. "gpt-4o-mini"
+    day = models.DateField()  # UTC
+    cost_usd = models.DecimalField(max_digits=24, decimal_places=12, null=True, blank=True)
+    input_tokens = models.BigIntegerField(null=True, blank=True)
+    output_tokens = models.BigIntegerField(null=True, blank=True)
+    source = models.ForeignKey(
+        ProviderCostImport, null=True, on_delete=models.SET_NULL, related_name="costs"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["provider", "day", "model"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "model", "day"], name="provider_cost_once_per_model_day"
+            )
+        ]
+        indexes = [models.Index(fields=["provider", "day"])]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.model} {self.day}: {self.cost_usd}"
+
+
+class DriftAlert(models.Model):
+    """Our list cost and the provider's bill disagree on one model and day: recorded once.
+
+    Delivered like a BudgetAlert (billing.notifications), by the same sweep, through
+    the same email outbox.
+    """
+
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=300)
+    day = models.DateField()
+    ledger_cost_micro_usd = models.BigIntegerField()
+    provider_cost_usd = models.DecimalField(max_digits=24, decimal_places=12)
+    drift_percent = models.DecimalField(max_digits=12, decimal_places=2)
+    threshold_percent = models.DecimalField(max_digits=7, decimal_places=2)
+    crossed_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "model", "day"], name="drift_alert_once_per_model_day"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"drift {self.provider} {self.model} {self.day}: {self.drift_percent}%"

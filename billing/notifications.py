@@ -1,4 +1,7 @@
-"""Budget alerts leave the building: an email and a webhook, once per threshold per period.
+"""Alerts leave the building: an email and a webhook, once per threshold per period.
+
+Budget alerts, and drift alerts from the reconciliation with the providers' bills
+(email only, to finance: see below).
 
 billing.alerts records a BudgetAlert when a settle crosses a threshold (the unique
 constraint makes that once per scope, owner, period and threshold). Here a worker
@@ -25,6 +28,7 @@ from billing import webhooks
 from billing.models import (
     BudgetAlert,
     DeliveryStatus,
+    DriftAlert,
     EmailNotification,
     TeamNotificationSettings,
 )
@@ -202,6 +206,81 @@ def alert_deliver(*, alert_id: int, now: datetime | None = None) -> AlertOutcome
                 emails = 1
                 transaction.on_commit(lambda: _enqueue_email(email.id))
     return AlertOutcome(True, len(hooks), emails)
+
+
+# --- drift alerts (reconciliation with the providers' bills) --------------------------------------
+# A provider's bill is the platform's, not a team's: a drift alert goes by email to the
+# finance staff and the platform admins. It has no webhook, because webhook endpoints
+# belong to teams and a team must not see what the company pays its providers.
+
+# EmailNotification.team_id of a platform-wide email (no team owns it).
+PLATFORM_TEAM_ID = 0
+
+
+def drift_alerts_pending(*, limit: int = 500) -> list[int]:
+    return list(
+        DriftAlert.objects.filter(delivered_at__isnull=True)
+        .order_by("crossed_at")
+        .values_list("id", flat=True)[:limit]
+    )
+
+
+def finance_recipients() -> list[str]:
+    """The addresses of active finance staff and platform admins, each once."""
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import PlatformRole
+
+    users = get_user_model().objects.filter(is_active=True).exclude(email="")
+    finance = Q(staff_role__role=PlatformRole.FINANCE) | Q(is_superuser=True)
+    return sorted(set(users.filter(finance).values_list("email", flat=True)))[:MAX_RECIPIENTS]
+
+
+def _drift_email(alert: DriftAlert) -> tuple[str, str]:
+    ours = micro_usd_to_str(alert.ledger_cost_micro_usd)
+    subject = (
+        f"[LLM Gateway] {alert.provider} billed {alert.drift_percent}% off our ledger "
+        f"for {alert.model} on {alert.day}"
+    )
+    body = (
+        f"The {alert.provider} bill and the gateway's ledger disagree by more than "
+        f"{alert.threshold_percent}% for {alert.model} on {alert.day} (UTC).\n\n"
+        f"Provider's cost: ${alert.provider_cost_usd.normalize():f}\n"
+        f"Ledger list cost: ${ours}\n"
+        f"Drift: {alert.drift_percent}% of the provider's cost\n\n"
+        "Check the model's prices in the gateway, or the export that was imported.\n"
+    )
+    return subject, body
+
+
+def drift_alert_deliver(*, alert_id: int, now: datetime | None = None) -> AlertOutcome:
+    """Claim one drift alert and write its email, exactly once (as alert_deliver does)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        claimed = DriftAlert.objects.filter(id=alert_id, delivered_at__isnull=True).update(
+            delivered_at=now
+        )
+        if not claimed:
+            return AlertOutcome(False)
+        alert = DriftAlert.objects.get(id=alert_id)
+        recipients = finance_recipients()
+        if not recipients:
+            logger.warning("drift alert %s: no finance staff or admin has an email", alert.id)
+            return AlertOutcome(True)
+        subject, body = _drift_email(alert)
+        email, created = EmailNotification.objects.get_or_create(
+            key=f"drift_alert:{alert.id}",
+            defaults={
+                "team_id": PLATFORM_TEAM_ID,
+                "recipients": recipients,
+                "subject": subject,
+                "body": body,
+                "next_attempt_at": now,
+            },
+        )
+        if created:
+            transaction.on_commit(lambda: _enqueue_email(email.id))
+    return AlertOutcome(True, 0, int(created))
 
 
 def _enqueue_email(email_id: int, countdown: float | None = None) -> None:

@@ -1,15 +1,19 @@
-"""Reads of the ledger: spend this period (in total and per model), and filtered pages of rows."""
+"""Reads of the ledger: spend this period (per model), filtered pages of rows, and the
+reconciliation of the ledger with the providers' bills."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.db.models import Count, QuerySet, Sum
+from django.db.models.functions import TruncDate
 
-from billing.models import LedgerEntry
+from billing.models import LedgerEntry, ProviderCost
 from billing.periods import Period
+from billing.pricing import MICRO
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,134 @@ def spend_by_model(*, scope: str, owner_id: int, period: Period) -> list[dict[st
         .order_by("-charged_cost_micro_usd", "model")
     )
     return [dict(row) for row in grouped]
+
+
+# --- reconciliation with the providers' bills -----------------------------------------------------
+
+# Money in the report: whole micro-dollars for drift, hundredths for percentages.
+_MICRO_USD = Decimal("0.000001")
+_HUNDREDTH = Decimal("0.01")
+
+
+@dataclass(frozen=True)
+class ProviderReconciliationRow:
+    """One provider, model and UTC day: our list cost against the provider's bill."""
+
+    provider: str
+    model: str
+    day: date
+    ledger_requests: int
+    ledger_cost_micro_usd: int
+    # None: only a usage export covered the day, so there is no bill to compare with.
+    provider_cost_usd: Decimal | None
+    provider_input_tokens: int | None
+    provider_output_tokens: int | None
+    ledger_input_tokens: int
+    ledger_output_tokens: int
+
+    @property
+    def ledger_cost_usd(self) -> Decimal:
+        return Decimal(self.ledger_cost_micro_usd) / MICRO
+
+    @property
+    def drift_usd(self) -> Decimal | None:
+        """What the provider billed beyond our list cost (negative: less), to the micro-dollar."""
+        if self.provider_cost_usd is None:
+            return None
+        return (self.provider_cost_usd - self.ledger_cost_usd).quantize(_MICRO_USD)
+
+    @property
+    def drift_percent(self) -> Decimal | None:
+        """The drift as a share of the bill; ±100 when one side has nothing at all."""
+        if self.provider_cost_usd is None:
+            return None
+        base = self.provider_cost_usd or self.ledger_cost_usd
+        if not base:
+            return Decimal("0.00")
+        diff = self.provider_cost_usd - self.ledger_cost_usd
+        return (diff * 100 / base).quantize(_HUNDREDTH)
+
+    def drifts(self, threshold_percent: Decimal) -> bool:
+        percent = self.drift_percent
+        return percent is not None and abs(percent) > threshold_percent
+
+
+def upstream_model(provider: str, provider_model: str) -> str:
+    """'gpt-4o-mini' for ('openai', 'openai/gpt-4o-mini'): the name on the provider's bill."""
+    prefix = f"{provider}/"
+    return provider_model[len(prefix) :] if provider_model.startswith(prefix) else provider_model
+
+
+def provider_reconciliation(
+    *, provider: str | None = None, since: date | None = None, until: date | None = None
+) -> list[ProviderReconciliationRow]:
+    """Per provider, model and UTC day: the ledger's list cost against the imported bill.
+
+    Only days the provider's imports cover are reported (a day not imported yet is not
+    a drift). Models are matched by the provider's own name for them: the ledger's
+    provider model without its "provider/" prefix. A model on one side only shows up
+    with nothing on the other (drift ±100%). `until` is exclusive.
+    """
+    costs = ProviderCost.objects.all()
+    if provider:
+        costs = costs.filter(provider=provider)
+    if since is not None:
+        costs = costs.filter(day__gte=since)
+    if until is not None:
+        costs = costs.filter(day__lt=until)
+    billed = {(c.provider, c.model, c.day): c for c in costs}
+    covered = {(p, d) for p, _, d in billed}
+    # Days a costs export (not only a usage export) stated: a model missing there cost 0.
+    costed = {(p, d) for (p, _, d), c in billed.items() if c.cost_usd is not None}
+    if not covered:
+        return []
+    first = min(d for _, d in covered)
+    last = max(d for _, d in covered)
+    ledger = (
+        LedgerEntry.objects.filter(
+            provider__in={p for p, _ in covered},
+            started_at__gte=datetime.combine(first, time.min, UTC),
+            started_at__lt=datetime.combine(last + timedelta(days=1), time.min, UTC),
+        )
+        .annotate(day=TruncDate("started_at", tzinfo=UTC))
+        .values("provider", "provider_model", "day")
+        .annotate(
+            requests=Count("id"),
+            cost=Sum("list_cost_micro_usd"),
+            prompt=Sum("prompt_tokens"),
+            completion=Sum("completion_tokens"),
+        )
+    )
+    ours: dict[tuple[str, str, date], list[int]] = {}
+    for row in ledger:
+        if (row["provider"], row["day"]) not in covered:
+            continue
+        key = (row["provider"], upstream_model(row["provider"], row["provider_model"]), row["day"])
+        sums = ours.setdefault(key, [0, 0, 0, 0])
+        for i, name in enumerate(("requests", "cost", "prompt", "completion")):
+            sums[i] += int(row[name] or 0)
+    out = []
+    for key in sorted(billed.keys() | ours.keys(), key=lambda k: (k[2], k[0], k[1])):
+        bill = billed.get(key)
+        requests, cost, prompt, completion = ours.get(key, [0, 0, 0, 0])
+        out.append(
+            ProviderReconciliationRow(
+                provider=key[0],
+                model=key[1],
+                day=key[2],
+                ledger_requests=requests,
+                ledger_cost_micro_usd=cost,
+                # No bill row for a model we used on a covered day: the provider billed 0,
+                # unless that day's import was a usage export only (then unknown).
+                provider_cost_usd=(
+                    bill.cost_usd
+                    if bill is not None
+                    else (Decimal(0) if (key[0], key[2]) in costed else None)
+                ),
+                provider_input_tokens=bill.input_tokens if bill else None,
+                provider_output_tokens=bill.output_tokens if bill else None,
+                ledger_input_tokens=prompt,
+                ledger_output_tokens=completion,
+            )
+        )
+    return out

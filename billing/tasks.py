@@ -51,6 +51,8 @@ def alerts_dispatch() -> int:
     sent = 0
     for alert_id in notifications.alerts_pending():
         sent += int(notifications.alert_deliver(alert_id=alert_id).delivered)
+    for alert_id in notifications.drift_alerts_pending():
+        sent += int(notifications.drift_alert_deliver(alert_id=alert_id).delivered)
     return sent
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
@@ -384,6 +385,23 @@ GATEWAY_INVOICE_PREFIX = env_str("GATEWAY_INVOICE_PREFIX", "INV")
 # An invoice covers ledger rows created up to this long before it is computed; rows
 # younger than that (a write may still be committing) go onto the next invoice.
 GATEWAY_INVOICE_CUTOFF_LAG_SECONDS = env_int("GATEWAY_INVOICE_CUTOFF_LAG_SECONDS", 60, minimum=0)
+
+# Reconciliation with the providers' bills: a provider/model/day whose provider cost and
+# ledger list cost differ by more than this percentage raises a drift alert, once.
+# Read as a Decimal: it is compared with exact money, never through a float.
+_drift = env_str("GATEWAY_RECONCILIATION_DRIFT_PERCENT", "2")
+try:
+    GATEWAY_RECONCILIATION_DRIFT_PERCENT = Decimal(_drift)
+except InvalidOperation:
+    raise ImproperlyConfigured(
+        f"GATEWAY_RECONCILIATION_DRIFT_PERCENT={_drift!r} is not a number; use e.g. 2 or 0.5."
+    ) from None
+if not GATEWAY_RECONCILIATION_DRIFT_PERCENT.is_finite() or not (
+    0 <= GATEWAY_RECONCILIATION_DRIFT_PERCENT <= 1000
+):
+    raise ImproperlyConfigured(
+        f"GATEWAY_RECONCILIATION_DRIFT_PERCENT={_drift!r} must be 0 to 1000."
+    )
 
 # Files and batches (OpenAI Batch API).
 GATEWAY_FILES_DIR = Path(env_str("GATEWAY_FILES_DIR", str(VAR_DIR / "files")))
