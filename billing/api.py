@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any, Literal
 
+from django.conf import settings
 from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import Field, Query, Router, Schema
@@ -26,7 +28,12 @@ from billing.models import (
 )
 from billing.periods import current_period
 from billing.pricing import micro_usd_to_str
-from billing.selectors import LedgerFilter, ledger_rows, spend_by_model
+from billing.selectors import (
+    LedgerFilter,
+    ledger_rows,
+    provider_reconciliation,
+    spend_by_model,
+)
 from core.api import ADMIN_ACTOR, AdminToken, ErrorOut, Page, PageParams
 from core.db import run_db
 from core.errors import GatewayError
@@ -731,3 +738,74 @@ def reconciliation_list(request: HttpRequest, page: Query[PageParams]) -> Any:
 def reconciliation_run(request: HttpRequest, payload: ReconcileIn) -> ReconciliationOut:
     run = rollups.rollups_reconcile(since=payload.since, until=payload.until, repair=payload.repair)
     return ReconciliationOut.of(run)
+
+
+# --- reconciliation with the providers' bills -----------------------------------------------
+
+
+class ProviderReconciliationQuery(Schema):
+    provider: str | None = None
+    since: date | None = Field(None, description="first UTC day, inclusive")
+    until: date | None = Field(None, description="last UTC day, exclusive")
+
+
+class ProviderReconciliationOut(Schema):
+    provider: str
+    model: str
+    day: date
+    ledger_requests: int
+    ledger_cost_usd: str
+    provider_cost_usd: str | None
+    drift_usd: str | None
+    drift_percent: str | None
+    flagged: bool
+    ledger_input_tokens: int
+    ledger_output_tokens: int
+    provider_input_tokens: int | None
+    provider_output_tokens: int | None
+
+
+def _usd(value: Decimal | None) -> str | None:
+    """Six places like every amount here, more only when the provider billed finer (cents'
+    fractions); fixed-point text, never exponent notation ("0E-12")."""
+    if value is None:
+        return None
+    six = value.quantize(Decimal("0.000001"))
+    return f"{six if six == value else value.normalize():f}"
+
+
+@router.get(
+    "/reconciliations/provider",
+    response={200: Page[ProviderReconciliationOut], **ERRORS},
+    summary="Our list cost against the providers' imported bills, per provider, model and day",
+)
+def provider_reconciliation_list(
+    request: HttpRequest, query: Query[ProviderReconciliationQuery], page: Query[PageParams]
+) -> dict[str, Any]:
+    if query.since and query.until and query.until <= query.since:
+        raise GatewayError("'until' must be after 'since'.", 400, code="invalid_parameter")
+    threshold = settings.GATEWAY_RECONCILIATION_DRIFT_PERCENT
+    rows = provider_reconciliation(provider=query.provider, since=query.since, until=query.until)
+    return {
+        "items": [
+            ProviderReconciliationOut(
+                provider=r.provider,
+                model=r.model,
+                day=r.day,
+                ledger_requests=r.ledger_requests,
+                ledger_cost_usd=micro_usd_to_str(r.ledger_cost_micro_usd),
+                provider_cost_usd=_usd(r.provider_cost_usd),
+                drift_usd=_usd(r.drift_usd),
+                drift_percent=None if r.drift_percent is None else str(r.drift_percent),
+                flagged=r.drifts(threshold),
+                ledger_input_tokens=r.ledger_input_tokens,
+                ledger_output_tokens=r.ledger_output_tokens,
+                provider_input_tokens=r.provider_input_tokens,
+                provider_output_tokens=r.provider_output_tokens,
+            )
+            for r in rows[page.offset : page.offset + page.limit]
+        ],
+        "count": len(rows),
+        "limit": page.limit,
+        "offset": page.offset,
+    }

@@ -128,7 +128,8 @@ def drift_alerts_record(*, provider: str | None, since: date, until: date) -> in
             threshold_percent=threshold,
         )
         for r in rows
-        if r.drifts(threshold)
+        # drifts() is only true with a bill, so neither figure is None here.
+        if r.drifts(threshold) and r.provider_cost_usd is not None and r.drift_percent is not None
     ]
     if not found:
         return 0

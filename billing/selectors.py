@@ -185,8 +185,10 @@ def provider_reconciliation(
             continue
         key = (row["provider"], upstream_model(row["provider"], row["provider_model"]), row["day"])
         sums = ours.setdefault(key, [0, 0, 0, 0])
-        for i, name in enumerate(("requests", "cost", "prompt", "completion")):
-            sums[i] += int(row[name] or 0)
+        sums[0] += int(row["requests"] or 0)
+        sums[1] += int(row["cost"] or 0)
+        sums[2] += int(row["prompt"] or 0)
+        sums[3] += int(row["completion"] or 0)
     out = []
     for key in sorted(billed.keys() | ours.keys(), key=lambda k: (k[2], k[0], k[1])):
         bill = billed.get(key)
@@ -212,3 +214,15 @@ def provider_reconciliation(
             )
         )
     return out
+
+
+def provider_bill_providers() -> list[str]:
+    """The providers whose bills have been imported."""
+    return list(
+        ProviderCost.objects.order_by("provider").values_list("provider", flat=True).distinct()
+    )
+
+
+def provider_bill_last_day() -> date | None:
+    """The latest UTC day any provider's bill was imported for."""
+    return ProviderCost.objects.order_by("-day").values_list("day", flat=True).first()

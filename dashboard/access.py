@@ -158,6 +158,11 @@ class Viewer:
             return False
         return self.can_manage_invoices or status != InvoiceStatus.DRAFT
 
+    @property
+    def can_view_reconciliation(self) -> bool:
+        """The providers' bills against the ledger: the company's costs, finance's only."""
+        return self.sees_all_teams
+
     # --- webhooks and alert recipients ----------------------------------------------------
 
     def can_manage_notifications(self, team_id: int) -> bool:

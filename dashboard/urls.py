@@ -14,6 +14,7 @@ from dashboard.views import (
     keys,
     models,
     overview,
+    reconciliation,
     sso,
     teams,
     usage,
@@ -92,6 +93,8 @@ urlpatterns = [
     path("usage/export.csv", usage.usage_csv, name="usage-csv"),
     path("requests/", usage.request_list, name="requests"),
     path("requests/<int:row_id>/", usage.request_detail, name="request"),
+    # reconciliation with the providers' bills
+    path("reconciliation/", reconciliation.reconciliation, name="reconciliation"),
     # invoices
     path("invoices/", invoices.invoice_list, name="invoices"),
     path("invoices/draft/", invoices.invoice_draft, name="invoice-draft"),
