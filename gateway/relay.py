@@ -89,6 +89,11 @@ class StreamRelay:
     async def _put(self, item: bytes | None) -> None:
         if self.client_gone:
             return  # nobody reads the queue any more
+        if not self.queue.full():
+            # The usual case, once per event: room in the queue, so no wait and no
+            # stall timer to arm and cancel.
+            self.queue.put_nowait(item)
+            return
         try:
             async with asyncio.timeout(STREAM_CLIENT_STALL_SECONDS):
                 await self.queue.put(item)
