@@ -38,6 +38,7 @@ def make_model(make_model: Any) -> Any:
 
     return make
 
+
 INPUT, OUTPUT = Decimal("1.00"), Decimal("2.00")  # make_model's prices, USD per 1M tokens
 BUDGET = 10_000_000  # micro-USD: plenty, but it makes the key's budget counter exist
 

@@ -33,6 +33,7 @@ def make_model(make_model: Any) -> Any:
 
     return make
 
+
 INPUT, OUTPUT = Decimal("1.00"), Decimal("2.00")  # make_model's prices, USD per 1M tokens
 
 
