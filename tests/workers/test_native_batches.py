@@ -300,3 +300,73 @@ def test_a_live_batch_line_is_charged_full_price_unless_a_discount_is_set(
         celery_workers.env.clear()
         celery_workers.env.update(original)
         celery_workers.start()
+
+
+def test_an_azure_openai_deployments_batch_goes_to_its_batch_api(
+    worker, live_gateway, mock_upstream, make_model, make_key
+):
+    model = make_model(
+        provider_model=f"azure/az-{time.time():.0f}",
+        api_base=mock_upstream.url,
+        api_version="2024-10-21",
+        api_key="azure-test-key",
+    )
+    issued = make_key()
+    sdk = client(live_gateway, issued.secret)
+    before = mock_stats(mock_upstream)
+    done = wait_done(sdk, create(sdk, chat_lines(model.name, 10)).id)
+    assert done.status == "completed", done
+    assert row(done.id).native_provider == "azure"
+    assert mock_stats(mock_upstream)["batch_creates"] - before["batch_creates"] == 1
+    output = results(sdk, done.output_file_id)
+    rows = {r.request_id: r for r in LedgerEntry.objects.filter(team_id=issued.key.team_id)}
+    assert len(output) == len(rows) == 10
+    for item in output.values():
+        usage = item["response"]["body"]["usage"]
+        half = cost(usage["prompt_tokens"], usage["completion_tokens"], Decimal("0.5"), Decimal(1))
+        assert rows[item["id"]].list_cost_micro_usd == half > 0
+
+
+def key_counter(env: dict[str, str], key_id: int) -> dict[bytes, bytes]:
+    import redis
+
+    counters = redis.Redis.from_url(env["REDIS_URL"])
+    names: list[Any] = list(counters.keys(f"gw:bud:k:{key_id}:*"))
+    assert len(names) <= 1, names
+    state: dict[bytes, bytes] = counters.hgetall(names[0]) if names else {}  # type: ignore[assignment]
+    return state
+
+
+def test_a_native_batch_is_admitted_against_budgets_before_it_is_submitted(
+    worker, live_gateway, mock_upstream, make_model, make_key
+):
+    model = make_model(provider_model=f"openai/budget-{time.time():.0f}")
+    # 10 lines of at most 50 output tokens at 1 USD per 1M (half of 2): the most they
+    # can cost is well above 1 micro-USD, so this key cannot afford the batch.
+    poor = make_key(max_budget_micro_usd=1)
+    sdk = client(live_gateway, poor.secret)
+    before = mock_stats(mock_upstream)
+    refused = wait_done(sdk, create(sdk, chat_lines(model.name, 10)).id)
+    assert refused.status == "failed", refused
+    assert refused.errors is not None and refused.errors.data is not None
+    assert refused.errors.data[0].code == "key_budget_exceeded"
+    after = mock_stats(mock_upstream)
+    assert after["file_uploads"] == before["file_uploads"]
+    assert after["batch_creates"] == before["batch_creates"]
+    assert not LedgerEntry.objects.filter(team_id=poor.key.team_id).exists()
+
+    # Affordable: reserved before, settled to exactly the ledger's charges after.
+    rich = make_key(max_budget_micro_usd=10_000_000)
+    sdk = client(live_gateway, rich.secret)
+    done = wait_done(sdk, create(sdk, chat_lines(model.name, 10)).id)
+    assert done.status == "completed", done
+    reservation = row(done.id).native_reservation
+    assert reservation is not None and reservation["amount"] > 0
+    charged = sum(
+        LedgerEntry.objects.filter(team_id=rich.key.team_id).values_list(
+            "charged_cost_micro_usd", flat=True
+        )
+    )
+    state = key_counter(live_gateway.env, rich.key.id)
+    assert 0 < charged <= reservation["amount"]
+    assert int(state[b"spent"]) == charged and int(state.get(b"reserved", b"0")) == 0
