@@ -197,16 +197,20 @@ def native_deployment(
     """The deployment to send the whole batch to natively, or None to run it live.
 
     Native only when every line names the same model, that model is served by exactly
-    one deployment (a provider batch cannot balance, fall back or retry elsewhere),
-    and its provider has a batch API taking this endpoint.
+    one deployment and has no fallbacks (a provider batch cannot balance, fall back or
+    retry elsewhere), and its provider has a batch API taking this endpoint.
     """
     if not settings.GATEWAY_NATIVE_BATCHES or not lines:
         return None
     models = {table.resolve(str(line.body["model"])) for line in lines}
     if len(models) != 1:
         return None
-    group = table.group(models.pop())
+    model = models.pop()
+    group = table.group(model)
     if len(group) != 1 or not group[0].native_batches:
+        return None
+    # Configured fallbacks would route a failed line elsewhere: only live lines can.
+    if table.policy(model).fallbacks:
         return None
     deployment = group[0]
     if endpoint not in NATIVE_ENDPOINTS.get(deployment.provider, frozenset()):
