@@ -100,9 +100,14 @@ class Ticket:
     thresholds: list[int] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    # The budget keys of a reservation admitted by another process (a native batch's,
+    # settled by whichever worker downloads its results), stored instead of `budgets`.
+    stored_keys: tuple[str, ...] = ()
 
     @property
     def budget_keys(self) -> list[str]:
+        if self.stored_keys:
+            return list(self.stored_keys)
         return [b.redis_key for b in self.budgets]
 
 
@@ -391,7 +396,13 @@ class RedisBackend:
             raise unavailable() from exc
 
     async def admit(
-        self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
+        self,
+        rid: str,
+        amount: int,
+        budgets: list[Budget],
+        limits: list[Limit],
+        now_s: float,
+        lease_seconds: float | None = None,
     ) -> list[Any]:
         _, admit_script, _, init_script = self._scripts.get()
         keys = [RESERVATIONS_ZSET, RESERVATIONS_HASH]
@@ -401,7 +412,7 @@ class RedisBackend:
             int(now_s * 1000),
             rid,
             amount,
-            int((now_s + settings.GATEWAY_RESERVATION_LEASE_SECONDS) * 1000),
+            int((now_s + (lease_seconds or settings.GATEWAY_RESERVATION_LEASE_SECONDS)) * 1000),
             len(budgets),
             *[b.limit_micro_usd for b in budgets],
             len(limits),
@@ -480,7 +491,13 @@ class LocalBackend:
                 del self.reservations[rid]
 
     def _try(
-        self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
+        self,
+        rid: str,
+        amount: int,
+        budgets: list[Budget],
+        limits: list[Limit],
+        now_s: float,
+        lease_seconds: float | None = None,
     ) -> list[Any]:
         self._sweep(now_s)
         for index, budget in enumerate(budgets, start=1):
@@ -500,7 +517,7 @@ class LocalBackend:
         if budgets:
             for budget in budgets:
                 self.budgets[budget.redis_key]["reserved"] += amount
-            expires = now_s + settings.GATEWAY_RESERVATION_LEASE_SECONDS
+            expires = now_s + (lease_seconds or settings.GATEWAY_RESERVATION_LEASE_SECONDS)
             self.reservations[rid] = (expires, amount, [b.redis_key for b in budgets])
         if len(self.rates) > 10_000:
             floor = int(now_s // 60) * 60 - 60
@@ -508,10 +525,16 @@ class LocalBackend:
         return ["ok", *used]
 
     async def admit(
-        self, rid: str, amount: int, budgets: list[Budget], limits: list[Limit], now_s: float
+        self,
+        rid: str,
+        amount: int,
+        budgets: list[Budget],
+        limits: list[Limit],
+        now_s: float,
+        lease_seconds: float | None = None,
     ) -> list[Any]:
         for _ in range(len(budgets) + 1):
-            result = self._try(rid, amount, budgets, limits, now_s)
+            result = self._try(rid, amount, budgets, limits, now_s, lease_seconds)
             if result[0] != "init":
                 return result
             budget = budgets[int(result[1]) - 1]
@@ -686,6 +709,41 @@ async def admit(
         # Held, and so renewed, until settled: from here on, whatever the request does.
         _hold(ticket)
     return ticket
+
+
+async def admit_batch(
+    *, principal: KeyPrincipal, reservation_id: str, amount: int, lease_seconds: float
+) -> list[str]:
+    """Reserve `amount` (the most a native batch can cost) against the key's and team's
+    budgets, for `lease_seconds` without renewal: the batch outlives any one process.
+
+    Returns the budget keys to settle later (empty: no budget applies), or raises the
+    429 of the budget it does not fit. Rate limits do not apply: a provider batch is
+    not live traffic. Reserving twice under one id would count it twice, so callers
+    store the returned keys before anything else and never reserve again once stored.
+    """
+    now = datetime.now(UTC)
+    budgets = _budgets(principal, now)
+    if not budgets:
+        return []
+    result = await backend().admit(
+        reservation_id, amount, budgets, [], time.time(), lease_seconds=lease_seconds
+    )
+    if result[0] == "budget":
+        budget = budgets[int(result[1]) - 1]
+        raise _budget_refusal(budget, int(result[2]), int(result[3]), amount)
+    return [b.redis_key for b in budgets]
+
+
+async def settle_batch(*, reservation_id: str, budget_keys: list[str], actual: int) -> None:
+    """Settle a native batch's reservation to what its lines were charged. A repeat (a
+    worker resumed after settling) is ignored by the settle script."""
+    if not budget_keys:
+        return
+    ticket = Ticket(
+        reservation_id=reservation_id, amount=0, budgets=[], stored_keys=tuple(budget_keys)
+    )
+    await backend().settle(ticket, actual)
 
 
 SETTLE_RETRY_DELAYS = (0.5, 1, 2, 4, 8, 16, 32)

@@ -43,9 +43,11 @@ def cache_hit_prices(prices: Prices | None) -> Prices:
 
 
 def batch_markup(markup_percent: Decimal) -> Decimal:
-    """The markup of a Batch API line: the team's markup with the batch discount
-    (GATEWAY_BATCH_DISCOUNT_PERCENT) applied to the marked-up price."""
-    discount = Decimal(str(settings.GATEWAY_BATCH_DISCOUNT_PERCENT))
+    """The markup of a Batch API line run live: the team's markup with the emulated batch
+    discount (GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT, default 0: full price) applied to
+    the marked-up price. The provider is paid its live price either way, which the row
+    keeps as its list cost, so a subsidy shows as charged below list."""
+    discount = Decimal(str(settings.GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT))
     factor = (Decimal(100) + markup_percent) * (Decimal(100) - discount) / Decimal(100)
     return factor - Decimal(100)
 

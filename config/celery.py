@@ -68,6 +68,11 @@ def _beat_schedule(sender: Celery, **kwargs: Any) -> None:
             "task": "gateway.batches_resume",
             "schedule": 60.0,
         },
+        # Provider batches in flight, and native batch steps whose worker stopped.
+        "native-batches-poll": {
+            "task": "gateway.native_batches_poll",
+            "schedule": float(settings.GATEWAY_NATIVE_BATCH_POLL_SECONDS),
+        },
     }
 
 
@@ -76,9 +81,8 @@ def _resume_after_start(sender: Any = None, **kwargs: Any) -> None:
     # claims have lapsed, without waiting for beat (or for the broker's redelivery).
     from django.conf import settings
 
-    app.send_task(
-        "gateway.batches_resume", countdown=float(settings.GATEWAY_BATCH_LEASE_SECONDS) + 0.5
-    )
+    for name in ("gateway.batches_resume", "gateway.native_batches_poll"):
+        app.send_task(name, countdown=float(settings.GATEWAY_BATCH_LEASE_SECONDS) + 0.5)
 
 
 # Connected by call, not as decorators: Celery's untyped decorators would erase the types.

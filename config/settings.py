@@ -422,12 +422,29 @@ STORAGES = {
 }
 GATEWAY_FILE_MAX_BYTES = env_int("GATEWAY_FILE_MAX_BYTES", 100 * 1024 * 1024, minimum=1024)
 GATEWAY_BATCH_MAX_LINES = env_int("GATEWAY_BATCH_MAX_LINES", 50_000, minimum=1)
-# Batch lines are charged this percentage less than live requests.
-GATEWAY_BATCH_DISCOUNT_PERCENT = env_float("GATEWAY_BATCH_DISCOUNT_PERCENT", 50.0)
-if not 0 <= GATEWAY_BATCH_DISCOUNT_PERCENT <= 100:
+# Batch lines that run live (their deployment's provider has no batch API, so the
+# provider is paid its full live price) are charged this percentage less: an explicit
+# subsidy, visible in the ledger as charged cost below list cost. Native batch lines are
+# billed at the provider's batch prices and never get this discount.
+if "GATEWAY_BATCH_DISCOUNT_PERCENT" in os.environ:
+    # Renamed (and its default changed from 50 to 0): a forgotten old setting must not
+    # silently stop applying.
     raise ImproperlyConfigured(
-        f"GATEWAY_BATCH_DISCOUNT_PERCENT={GATEWAY_BATCH_DISCOUNT_PERCENT} must be 0 to 100."
+        "GATEWAY_BATCH_DISCOUNT_PERCENT is gone: live batch lines are charged full price by "
+        "default; set GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT (0 to 100) for a subsidy."
     )
+GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT = env_float("GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT", 0.0)
+if not 0 <= GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT <= 100:
+    raise ImproperlyConfigured(
+        f"GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT={GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT} "
+        "must be 0 to 100."
+    )
+# A batch whose lines all go to one deployment with a batch API (OpenAI, Azure OpenAI,
+# Anthropic) is submitted to it natively; off, every batch runs live. A deployment opts
+# out with capabilities {"native_batches": false}.
+GATEWAY_NATIVE_BATCHES = env_bool("GATEWAY_NATIVE_BATCHES", True)
+# How often beat polls the provider batches in flight.
+GATEWAY_NATIVE_BATCH_POLL_SECONDS = env_float("GATEWAY_NATIVE_BATCH_POLL_SECONDS", 60.0, minimum=1)
 # Lines of one team's batches in flight at once, across every worker.
 GATEWAY_BATCH_TEAM_CONCURRENCY = env_int("GATEWAY_BATCH_TEAM_CONCURRENCY", 16, minimum=1)
 # A worker renews its claim on the lines it runs every third of this; a line whose

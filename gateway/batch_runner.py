@@ -5,8 +5,9 @@ never more than GATEWAY_BATCH_TEAM_CONCURRENCY of a team's lines in flight acros
 workers. Each line goes through the same flow as a live request (gateway.flow.run:
 admission against budgets and rate limits, routing, retries and fallbacks, one ledger
 row per attempt, settling), with the team's markup reduced by
-GATEWAY_BATCH_DISCOUNT_PERCENT (billing.recorder.batch_markup), and a ledger request id
-derived from (batch, custom_id).
+GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT (billing.recorder.batch_markup, 0 by default),
+and a ledger request id derived from (batch, custom_id). Batches sent to a provider's
+own batch API are not run here but by gateway.native_batches.
 A line that runs again (its worker was killed mid-line) keeps its request id and
 numbers its attempts on from the rows the ledger already holds, so every provider
 call has its own row (the ledger's (request_id, attempt) is unique and a repeat
@@ -111,7 +112,8 @@ def _lease() -> timedelta:
 
 def _job(batch_id: int) -> Job | None:
     batch = Batch.objects.filter(id=batch_id).first()
-    if batch is None:
+    # A native batch's lines are the provider's to run (gateway.native_batches).
+    if batch is None or batch.native_state:
         return None
     return Job(batch.id, batch.public_id, batch.team_id, batch.key_id, batch.endpoint, batch.status)
 
@@ -120,7 +122,12 @@ def _claim(batch_id: int, token: str, want: int) -> list[Claimed]:
     now = timezone.now()
     with transaction.atomic():
         batch = Batch.objects.select_for_update().filter(id=batch_id).first()
-        if batch is None or batch.status != BatchStatus.IN_PROGRESS or now >= batch.expires_at:
+        if (
+            batch is None
+            or batch.native_state
+            or batch.status != BatchStatus.IN_PROGRESS
+            or now >= batch.expires_at
+        ):
             return []
         # Serialise claims per team: lock the team's active batches, in id order.
         list(
@@ -460,7 +467,7 @@ def batches_resume(*, now: datetime | None = None) -> list[int]:
     now = now or timezone.now()
     stale = now - _lease()
     ids = list(
-        Batch.objects.filter(status__in=ACTIVE)
+        Batch.objects.filter(status__in=ACTIVE, native_state="")
         .filter(
             Q(heartbeat_at__isnull=True)
             | Q(heartbeat_at__lt=stale)

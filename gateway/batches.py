@@ -2,7 +2,10 @@
 
 Creation validates the whole input file at once; any bad line fails the batch with
 per-line errors in `errors.data` (as OpenAI does), otherwise one BatchLine row per
-request is written and a worker task is queued (`gateway.batch_run`, whose body is
+request is written and a worker task is queued. A batch whose lines all go to one
+deployment whose provider has a batch API is sent to that API
+(`gateway.native_batch_step`, whose body is gateway.native_batches) and billed at the
+provider's batch prices; any other runs live, line by line (`gateway.batch_run`,
 gateway.batch_runner). The OpenAI JSON shapes are in gateway.batch_shapes.
 """
 
@@ -23,8 +26,15 @@ from accounts.auth import KeyPrincipal
 from core import tasks
 from core.errors import GatewayError, invalid_request
 from gateway import dialects, files, flow
-from gateway.models import Batch, BatchLine, BatchLineStatus, BatchStatus, FilePurpose
-from gateway.routing import RoutingTable
+from gateway.models import (
+    Batch,
+    BatchLine,
+    BatchLineStatus,
+    BatchStatus,
+    FilePurpose,
+    NativeState,
+)
+from gateway.routing import Deployment, RoutingTable
 
 ENDPOINTS: dict[str, dialects.Endpoint] = {
     "/v1/chat/completions": dialects.CHAT,
@@ -41,6 +51,15 @@ ACTIVE = (
 )
 TERMINAL = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
 MAX_REPORTED_ERRORS = 1000
+# The endpoints each provider's batch API takes. Anthropic's Message Batches take
+# Messages requests: a chat line is translated into one.
+NATIVE_ENDPOINTS: dict[str, frozenset[str]] = {
+    "openai": frozenset(ENDPOINTS),
+    "azure": frozenset(ENDPOINTS),
+    "anthropic": frozenset({"/v1/chat/completions"}),
+}
+# Body parameters only our flow understands: a line with them must run live.
+_GATEWAY_ONLY_PARAMS = ("fallbacks", "models")
 
 
 def batch_not_found(batch_id: str) -> GatewayError:
@@ -172,6 +191,35 @@ def _check_metadata(metadata: Any) -> dict[str, str] | None:
     return dict(metadata)
 
 
+def native_deployment(
+    lines: list[ParsedLine], *, endpoint: str, table: RoutingTable
+) -> Deployment | None:
+    """The deployment to send the whole batch to natively, or None to run it live.
+
+    Native only when every line names the same model, that model is served by exactly
+    one deployment and has no fallbacks (a provider batch cannot balance, fall back or
+    retry elsewhere), and its provider has a batch API taking this endpoint.
+    """
+    if not settings.GATEWAY_NATIVE_BATCHES or not lines:
+        return None
+    models = {table.resolve(str(line.body["model"])) for line in lines}
+    if len(models) != 1:
+        return None
+    model = models.pop()
+    group = table.group(model)
+    if len(group) != 1 or not group[0].native_batches:
+        return None
+    # Configured fallbacks would route a failed line elsewhere: only live lines can.
+    if table.policy(model).fallbacks:
+        return None
+    deployment = group[0]
+    if endpoint not in NATIVE_ENDPOINTS.get(deployment.provider, frozenset()):
+        return None
+    if any(param in line.body for line in lines for param in _GATEWAY_ONLY_PARAMS):
+        return None
+    return deployment
+
+
 def batch_create(
     *,
     principal: KeyPrincipal,
@@ -201,6 +249,7 @@ def batch_create(
     lines, errors = parse_input(
         files.file_read(source), endpoint=endpoint, principal=principal, table=table
     )
+    native = None if errors else native_deployment(lines, endpoint=endpoint, table=table)
     now = timezone.now()
     with transaction.atomic():
         batch = Batch.objects.create(
@@ -218,7 +267,11 @@ def batch_create(
             expires_at=now + WINDOWS[completion_window],
             failed_at=now if errors else None,
             in_progress_at=None if errors else now,
-            heartbeat_at=now,
+            # A native batch's first step claims it by a null (or stale) heartbeat.
+            heartbeat_at=None if native else now,
+            native_state=NativeState.UPLOADING if native else "",
+            native_provider=native.provider if native else "",
+            native_deployment_id=native.id if native else "",
         )
         if not errors:
             BatchLine.objects.bulk_create(
@@ -235,12 +288,19 @@ def batch_create(
                 batch_size=1000,
             )
             batch_id = batch.id
-            transaction.on_commit(lambda: enqueue_run(batch_id))
+            if native:
+                transaction.on_commit(lambda: enqueue_native_step(batch_id))
+            else:
+                transaction.on_commit(lambda: enqueue_run(batch_id))
     return batch
 
 
 def enqueue_run(batch_id: int, countdown: float | None = None) -> None:
     tasks.send("gateway.batch_run", batch_id, countdown=countdown)
+
+
+def enqueue_native_step(batch_id: int, countdown: float | None = None) -> None:
+    tasks.send("gateway.native_batch_step", batch_id, countdown=countdown)
 
 
 def batch_get(*, principal: KeyPrincipal, batch_id: str) -> Batch:
@@ -283,12 +343,17 @@ def batch_cancel(*, principal: KeyPrincipal, batch_id: str) -> Batch:
             batch.status = BatchStatus.CANCELLING
             batch.cancelling_at = now
             batch.save(update_fields=["status", "cancelling_at"])
-            # Lines not started never will be; those running finish and are kept.
-            BatchLine.objects.filter(batch=batch, status=BatchLineStatus.PENDING).update(
-                status=BatchLineStatus.CANCELLED, finished_at=now
-            )
             pk = batch.id
-            transaction.on_commit(lambda: enqueue_run(pk))
+            if batch.native_state:
+                # The provider's batch is cancelled by the next step; which lines it still
+                # answered is for its results to say, so no line is touched here.
+                transaction.on_commit(lambda: enqueue_native_step(pk))
+            else:
+                # Lines not started never will be; those running finish and are kept.
+                BatchLine.objects.filter(batch=batch, status=BatchLineStatus.PENDING).update(
+                    status=BatchLineStatus.CANCELLED, finished_at=now
+                )
+                transaction.on_commit(lambda: enqueue_run(pk))
         elif batch.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
             raise GatewayError(
                 f"Cannot cancel a batch with status '{batch.status}'.",

@@ -224,6 +224,19 @@ class Batch(models.Model):
     cancelled_at = models.DateTimeField(null=True, blank=True)
     # Touched by the worker running the batch; a stale one means it died.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Native batches (sent to the provider's own batch API; see gateway.native_batches).
+    # Empty for a batch whose lines run live. Moves forward only, by compare-and-set,
+    # and every provider id is stored before the next step starts, so a worker killed
+    # at any point resumes without a second provider batch.
+    native_state = models.CharField(max_length=16, blank=True, default="")
+    native_provider = models.CharField(max_length=16, blank=True, default="")
+    # The deployment's public id (a string, as in the ledger).
+    native_deployment_id = models.CharField(max_length=64, blank=True, default="")
+    provider_file_id = models.CharField(max_length=128, blank=True, default="")
+    provider_batch_id = models.CharField(max_length=128, blank=True, default="")
+    provider_status = models.CharField(max_length=32, blank=True, default="")
+    # The budget reservation made before submitting: {"id", "amount", "budget_keys"}.
+    native_reservation = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -234,6 +247,13 @@ class Batch(models.Model):
 
     def __str__(self) -> str:
         return f"{self.public_id} ({self.status})"
+
+
+class NativeState(models.TextChoices):
+    UPLOADING = "uploading"  # reserving, uploading the input, creating the provider batch
+    SUBMITTED = "submitted"  # the provider batch exists; beat polls it
+    DOWNLOADING = "downloading"  # it ended; results are being billed and stored
+    DONE = "done"
 
 
 class BatchLineStatus(models.TextChoices):

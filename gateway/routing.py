@@ -49,6 +49,49 @@ class Deployment:
     mode: str
     rpm_limit: int | None = None
     tpm_limit: int | None = None
+    # What the provider bills a line of its batch API (see batch_prices()).
+    batch_prices: Prices | None = None
+    # "cost_map": litellm's *_batches prices; "half_live": the map has none, so half
+    # the live prices (what OpenAI and Anthropic batches cost today).
+    batch_price_source: str = ""
+
+    @property
+    def native_batches(self) -> bool:
+        """Whether batches for this deployment can go to its provider's own batch API."""
+        return self.provider in NATIVE_BATCH_PROVIDERS and self.capabilities.get(
+            "native_batches", True
+        )
+
+
+# Providers with a batch API the gateway drives (gateway.native_batches).
+NATIVE_BATCH_PROVIDERS = frozenset({"openai", "azure", "anthropic"})
+HALF = Decimal("0.5")
+
+
+def batch_prices(entry: dict[str, Any], live: Prices) -> tuple[Prices, str]:
+    """The prices of a provider batch line, and where they came from.
+
+    litellm's map has input_cost_per_token_batches / output_cost_per_token_batches for
+    the models whose provider publishes batch prices. Token kinds it has no batch price
+    for (cached reads, cache writes) are half their live price, as both providers bill
+    them; a model the map has no batch prices for is half its live prices throughout.
+    """
+    batch_in = per_million_from_per_token(entry.get("input_cost_per_token_batches"))
+    batch_out = per_million_from_per_token(entry.get("output_cost_per_token_batches"))
+    halved = Prices(
+        input=live.input * HALF,
+        output=live.output * HALF,
+        cached_input=live.cached_input * HALF,
+        cache_write=live.cache_write * HALF,
+        reasoning=live.reasoning * HALF,
+    )
+    if batch_in is None or batch_out is None:
+        return halved, "half_live"
+    # Reasoning tokens are output tokens to both providers.
+    return (
+        Prices(batch_in, batch_out, halved.cached_input, halved.cache_write, batch_out),
+        "cost_map",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +233,9 @@ def snapshot(row: ModelDeployment) -> Deployment:
         "structured_output": bool(entry.get("supports_response_schema", True)),
     }
     capabilities.update({k: bool(v) for k, v in (row.capabilities or {}).items()})
+    # An admin's own price for a model overrides the map's batch prices too: half of it.
+    overridden = row.input_cost_per_million is not None or row.output_cost_per_million is not None
+    in_batch, source = batch_prices({} if overridden else entry, prices)
     return Deployment(
         id=str(row.public_id),
         name=row.name,
@@ -208,6 +254,8 @@ def snapshot(row: ModelDeployment) -> Deployment:
         mode=str(entry.get("mode") or ("embedding" if "embed" in row.provider_model else "chat")),
         rpm_limit=row.rpm_limit,
         tpm_limit=row.tpm_limit,
+        batch_prices=in_batch,
+        batch_price_source=source,
     )
 
 

@@ -414,3 +414,9 @@ async def litellm_stream(
 
 def is_passthrough(deployment: Deployment) -> bool:
     return deployment.provider in PASSTHROUGH_PROVIDERS
+
+
+def session() -> aiohttp.ClientSession:
+    """This event loop's pooled client, for provider calls outside a request (native
+    batches); callers pass allow_redirects=False like every call here."""
+    return _session()

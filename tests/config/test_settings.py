@@ -42,6 +42,7 @@ print(json.dumps({
     "debug": settings.DEBUG,
     "secret_key_set": bool(settings.SECRET_KEY),
     "max_body": settings.GATEWAY_MAX_BODY_BYTES,
+    "batch_discount": settings.GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT,
 }, default=str))
 """
 
@@ -66,6 +67,10 @@ CASES: dict[str, dict[str, str]] = {
     "redis-no-scheme": {"REDIS_URL": "localhost:6379", **SECRET},
     "redis": {"REDIS_URL": "redis://cache.internal:6379/2", **SECRET},
     "debug-maybe": {"GATEWAY_DEBUG": "maybe", **SECRET},
+    "discount-101": {"GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT": "101", **SECRET},
+    "discount-abc": {"GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT": "abc", **SECRET},
+    "discount-25": {"GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT": "25", **SECRET},
+    "discount-old-name": {"GATEWAY_BATCH_DISCOUNT_PERCENT": "50", **SECRET},
 }
 
 
@@ -209,3 +214,19 @@ def test_it_uses_redis_for_cache_and_celery_from_redis_url(outcomes):
     assert settings["cache_location"] == "redis://cache.internal:6379/2"
     assert settings["eager"] is False
     assert settings["broker"] == "redis://cache.internal:6379/2"
+
+
+@pytest.mark.parametrize("case", ["discount-101", "discount-abc"])
+def test_it_names_a_bad_emulated_batch_discount(outcomes, case):
+    assert "GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT" in outcomes[case].error()
+
+
+def test_it_charges_live_batch_lines_full_price_unless_a_discount_is_set(outcomes):
+    assert outcomes["secret"].settings()["batch_discount"] == 0
+    assert outcomes["discount-25"].settings()["batch_discount"] == 25
+
+
+def test_it_refuses_the_old_batch_discount_setting_rather_than_ignore_it(outcomes):
+    error = outcomes["discount-old-name"].error()
+    assert "GATEWAY_BATCH_DISCOUNT_PERCENT" in error
+    assert "GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT" in error

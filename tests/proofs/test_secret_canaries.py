@@ -203,6 +203,8 @@ def test_no_canary_secret_is_readable_anywhere_after_a_representative_flow(
                 "api_key": provider["gpt"],
                 "input_cost_per_million": "1",
                 "output_cost_per_million": "2",
+                # Its batch runs live on the worker (no beat here to poll a native one).
+                "capabilities": {"native_batches": False},
             },
         ),
         "create gpt",

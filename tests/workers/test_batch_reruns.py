@@ -26,13 +26,27 @@ from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
+
+@pytest.fixture
+def make_model(make_model: Any) -> Any:
+    """These tests are about batches run live, line by line: their models opt out of
+    native batches (which tests/workers/test_native_batches.py covers)."""
+
+    def make(*args: Any, **fields: Any) -> Any:
+        fields.setdefault("capabilities", {"native_batches": False})
+        return make_model(*args, **fields)
+
+    return make
+
+
 INPUT, OUTPUT = Decimal("1.00"), Decimal("2.00")  # make_model's prices, USD per 1M tokens
 BUDGET = 10_000_000  # micro-USD: plenty, but it makes the key's budget counter exist
 
 
-def _half_price(row: LedgerEntry) -> int:
+def _full_price(row: LedgerEntry) -> int:
+    # Live batch lines are charged what the provider is paid (no emulated discount set).
     exact = row.prompt_tokens * INPUT + row.completion_tokens * OUTPUT
-    return int((exact / 2).to_integral_value(rounding=ROUND_CEILING))
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
 
 
 def _one_line_batch(sdk: OpenAI, model: str) -> str:
@@ -110,7 +124,7 @@ def test_it_bills_the_attempts_of_a_line_rerun_after_its_worker_died_mid_retry(
     # One row per provider call, numbered on from the first run's.
     assert [(r.attempt, r.status) for r in rows] == [(1, "error"), (2, "success")], rows
     success = rows[1]
-    assert success.charged_cost_micro_usd == _half_price(success) > 0
+    assert success.charged_cost_micro_usd == _full_price(success) > 0
     assert rows[0].charged_cost_micro_usd == 0
     output = json.loads(sdk.files.content(done.output_file_id).text)
     assert output["response"]["body"]["usage"]["completion_tokens"] == success.completion_tokens

@@ -21,6 +21,19 @@ from tests.workers.conftest import wait_for
 
 pytestmark = pytest.mark.e2e
 
+
+@pytest.fixture
+def make_model(make_model: Any) -> Any:
+    """These tests are about batches run live, line by line: their models opt out of
+    native batches (which tests/workers/test_native_batches.py covers)."""
+
+    def make(*args: Any, **fields: Any) -> Any:
+        fields.setdefault("capabilities", {"native_batches": False})
+        return make_model(*args, **fields)
+
+    return make
+
+
 INPUT, OUTPUT = Decimal("1.00"), Decimal("2.00")  # make_model's prices, USD per 1M tokens
 
 
@@ -78,12 +91,13 @@ def request_ids(batch_public_id: str) -> list[str]:
     )
 
 
-def half_price(row: LedgerEntry) -> int:
+def full_price(row: LedgerEntry) -> int:
+    # Live batch lines are charged what the provider is paid (no emulated discount set).
     exact = row.prompt_tokens * INPUT + row.completion_tokens * OUTPUT
-    return int((exact / 2).to_integral_value(rounding=ROUND_CEILING))
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
 
 
-def test_a_batch_of_200_runs_end_to_end_through_the_sdk_at_the_discount(
+def test_a_batch_of_200_runs_end_to_end_through_the_sdk_at_full_price(
     worker, live_gateway, make_model, make_key
 ):
     model = make_model()
@@ -120,7 +134,7 @@ def test_a_batch_of_200_runs_end_to_end_through_the_sdk_at_the_discount(
     for row in rows:
         exact = row.prompt_tokens * INPUT + row.completion_tokens * OUTPUT
         assert row.list_cost_micro_usd == int(exact.to_integral_value(rounding=ROUND_CEILING))
-        assert row.charged_cost_micro_usd == half_price(row) > 0
+        assert row.charged_cost_micro_usd == full_price(row) > 0
         assert row.team_id == issued.key.team_id and row.key_id == issued.key.id
 
     listed = sdk.batches.list(limit=5)
@@ -305,5 +319,5 @@ def test_a_worker_killed_mid_batch_is_resumed_and_every_line_is_billed_once(
     # was lost in the kill after its row was written is re-run: that provider call
     # has a row of its own (its list cost) charged nothing.
     assert len({row.request_id for row in charged}) == len(charged) == 200
-    assert all(row.charged_cost_micro_usd == half_price(row) for row in charged)
+    assert all(row.charged_cost_micro_usd == full_price(row) for row in charged)
     assert all(row.list_cost_micro_usd > 0 for row in rows if not row.charged_cost_micro_usd)

@@ -30,6 +30,18 @@ from tests.support import wait_for
 pytestmark = pytest.mark.e2e
 
 
+@pytest.fixture
+def make_model(make_model: Any) -> Any:
+    """These tests are about batches run live, line by line: their models opt out of
+    native batches (which tests/workers/test_native_batches.py covers)."""
+
+    def make(*args: Any, **fields: Any) -> Any:
+        fields.setdefault("capabilities", {"native_batches": False})
+        return make_model(*args, **fields)
+
+    return make
+
+
 @dataclass
 class People:
     team: Team
