@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 from openai import OpenAI
 
-from tests.gateway.support import assert_openai_error, chat, check_each, content_of, unique
+from tests.support.http import assert_openai_error, chat, check_each, content_of, unique
 
 pytestmark = pytest.mark.e2e
 

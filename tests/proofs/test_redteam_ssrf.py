@@ -12,7 +12,6 @@ reaches the canary from inside the gateway, so a count of 0 elsewhere means some
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveGateway, gateway_env, start_gateway
-from tests.proofs.support import Canary
+from tests.support.listeners import Canary
+from tests.support.live import LiveGateway, gateway_env, start_gateway, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -82,11 +81,7 @@ def cdn_gateway(
     try:
         yield gateway
     finally:
-        gateway.process.terminate()
-        try:
-            gateway.process.wait(10)
-        except subprocess.TimeoutExpired:
-            gateway.process.kill()
+        stop_process(gateway.process)
 
 
 @pytest.fixture
@@ -439,7 +434,7 @@ def test_the_dashboard_form_refuses_a_metadata_api_base(live_gateway):
     from django.contrib.auth.models import User
 
     from gateway.models import ModelDeployment
-    from tests.proofs.support import dashboard_login, dashboard_post
+    from tests.support.dashboard import dashboard_login, dashboard_post
 
     password = f"pw-{uuid.uuid4().hex}"
     root = User.objects.create_superuser(f"root-{uuid.uuid4().hex[:8]}", "r@example.com", password)
@@ -459,8 +454,8 @@ def test_the_dashboard_form_refuses_a_metadata_api_base(live_gateway):
     assert accepted.status_code == 302, accepted.text[:300]
 
 
-def test_an_allow_listed_exception_is_accepted_and_nothing_else(private_gateway):
-    gateway = private_gateway(GATEWAY_API_BASE_ALLOW="169.254.10.0/24, metadata.google.internal")
+def test_an_allow_listed_exception_is_accepted_and_nothing_else(spawn_gateway):
+    gateway = spawn_gateway(GATEWAY_API_BASE_ALLOW="169.254.10.0/24, metadata.google.internal")
     with gateway.admin() as admin:
         ok_range = admin.post("/models", json=_model_body("http://169.254.10.7:8000/v1"))
         ok_name = admin.post("/models", json=_model_body("http://metadata.google.internal/v1"))

@@ -25,7 +25,7 @@ from openai import OpenAI
 
 from accounts.models import Membership, Team, TeamRole, VirtualKey
 from core.models import AuditEntry
-from tests.support import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

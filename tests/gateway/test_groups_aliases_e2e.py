@@ -12,17 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.routing import (
-    assert_openai_error,
-    chat_body,
-    fresh_minute,
-    ledger,
-    openai_deployment,
-    openai_sdk,
-    put_group,
-    unique,
-    upstream_name,
-)
+from tests.support.http import assert_openai_error, chat_body, openai_sdk, unique
+from tests.support.models import openai_deployment, put_group
+from tests.support.money import ledger, upstream_name
+from tests.support.waiting import fresh_minute
 
 pytestmark = pytest.mark.e2e
 
