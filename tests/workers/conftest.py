@@ -15,12 +15,13 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.listeners import serve_http
 from tests.support.live import LiveGateway, gateway_env
 from tests.support.waiting import wait_for
 from tests.support.workers import WORKER_ENV, CeleryWorker, spawn_worker, wait_ready
@@ -166,12 +167,6 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    found.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
-    try:
+    with serve_http(Handler) as url:
+        found.url = f"{url}/hooks"
         yield found
-    finally:
-        server.shutdown()
-        server.server_close()
