@@ -9,7 +9,9 @@ import pytest
 
 from billing.models import BudgetAlert
 from billing.periods import current_period
-from tests.billing import HELLO, output_priced_model, sdk, wait_until
+from tests.support.http import HELLO, openai_sdk
+from tests.support.money import output_priced_model
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -31,8 +33,8 @@ def test_it_records_each_team_threshold_once(live_gateway, make_model, make_team
     big = output_priced_model(make_model, output_tokens=300)  # 300 micro-USD a request
     small = output_priced_model(make_model, output_tokens=100)
     team = make_team(budget_micro_usd=1_000, alert_thresholds=[50, 100], timezone="Asia/Kolkata")
-    alice = sdk(live_gateway, make_key(team=team, name="alice").secret)
-    bob = sdk(live_gateway, make_key(team=team, name="bob").secret)
+    alice = openai_sdk(live_gateway, make_key(team=team, name="alice").secret)
+    bob = openai_sdk(live_gateway, make_key(team=team, name="bob").secret)
     mine = {"scope": "team", "owner_id": team.id}
 
     spend(alice, big, 300)  # 300: 30 %
@@ -68,7 +70,7 @@ def test_it_records_key_thresholds_with_the_teams_percentages(
     small = output_priced_model(make_model, output_tokens=100)
     team = make_team(alert_thresholds=[50, 100])  # no team budget
     issued = make_key(team=team, max_budget_micro_usd=400, budget_period="daily")
-    client = sdk(live_gateway, issued.secret)
+    client = openai_sdk(live_gateway, issued.secret)
     mine = {"scope": "key", "owner_id": issued.key.id}
 
     spend(client, big, 300)  # 300 of 400: crosses 50 %
@@ -91,7 +93,7 @@ def test_it_records_one_alert_per_threshold_crossed_in_one_step(
 ):
     big = output_priced_model(make_model, output_tokens=900)
     team = make_team(budget_micro_usd=1_000, alert_thresholds=[25, 50, 80, 100])
-    client = sdk(live_gateway, make_key(team=team).secret)
+    client = openai_sdk(live_gateway, make_key(team=team).secret)
 
     spend(client, big, 900)  # 0 → 900 crosses 25, 50 and 80 at once, not 100
     wait_until(lambda: len(recorded(scope="team", owner_id=team.id)) >= 3)
@@ -108,8 +110,8 @@ def test_it_records_nothing_without_thresholds_or_for_other_teams(
     big = output_priced_model(make_model, output_tokens=300)
     quiet = make_team(budget_micro_usd=500)  # a budget, but no thresholds
     watched = make_team(budget_micro_usd=10_000, alert_thresholds=[50])
-    charlie = sdk(live_gateway, make_key(team=quiet).secret)
-    alice = sdk(live_gateway, make_key(team=watched).secret)
+    charlie = openai_sdk(live_gateway, make_key(team=quiet).secret)
+    alice = openai_sdk(live_gateway, make_key(team=watched).secret)
 
     spend(charlie, big, 300)  # 60 % of charlie's team budget
     spend(alice, big, 300)  # 3 % of alice's

@@ -17,17 +17,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from billing.models import LedgerEntry
-from tests.billing import (
-    HELLO,
-    body,
-    iso_instants,
-    output_priced_model,
-    sdk,
-    unique,
-    upstream_name,
-    usd,
-    usd_str,
-)
+from tests.support.http import HELLO, openai_sdk, sdk_error_body, unique
+from tests.support.money import iso_instants, output_priced_model, upstream_name, usd, usd_str
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +55,7 @@ def test_it_admits_until_the_reservation_would_pass_the_key_budget(
 ):
     model = output_priced_model(make_model, output_tokens=50, output="2")
     alice = make_key(max_budget_micro_usd=450)  # monthly, the default
-    client = sdk(live_gateway, alice.secret)
+    client = openai_sdk(live_gateway, alice.secret)
 
     # Each request reserves 100 * 2 = 200 and costs 50 * 2 = 100 micro-USD:
     # spent 0, 100, 200 leave room for a 200 reservation (200 + 200 = 400 <= 450) ...
@@ -73,7 +64,7 @@ def test_it_admits_until_the_reservation_would_pass_the_key_budget(
     refused = refusal(client, model.name, 100)
 
     assert refused.status_code == 429
-    error = body(refused)
+    error = sdk_error_body(refused)
     assert error["type"] == "insufficient_quota", error
     assert error["code"] == "key_budget_exceeded", error
     message = error["message"]
@@ -89,7 +80,7 @@ def test_it_admits_until_the_reservation_would_pass_the_key_budget(
 def test_it_admits_a_reservation_that_exactly_fills_the_budget(live_gateway, make_model, make_key):
     model = output_priced_model(make_model, output_tokens=50, output="2")
     alice = make_key(max_budget_micro_usd=450)
-    client = sdk(live_gateway, alice.secret)
+    client = openai_sdk(live_gateway, alice.secret)
     assert [cost_of(client, model.name, 100) for _ in range(3)] == [100, 100, 100]
 
     refusal(client, model.name, 76)  # 300 + 152 > 450
@@ -98,7 +89,7 @@ def test_it_admits_a_reservation_that_exactly_fills_the_budget(live_gateway, mak
     assert cost_of(client, model.name, 25) == 50  # 400 + 50 = 450; the mock stops at 25 tokens
     refused = refusal(client, model.name, 1)  # 450 + 2 > 450
 
-    assert "$0.000450 spent" in body(refused)["message"], body(refused)
+    assert "$0.000450 spent" in sdk_error_body(refused)["message"], sdk_error_body(refused)
     assert LedgerEntry.objects.filter(key_id=alice.key.id).count() == 5
 
 
@@ -107,7 +98,7 @@ def test_it_leaves_no_ledger_row_and_calls_no_provider_for_a_refused_request(
 ):
     model = output_priced_model(make_model, output_tokens=50, output="2")
     alice = make_key(max_budget_micro_usd=250)
-    client = sdk(live_gateway, alice.secret)
+    client = openai_sdk(live_gateway, alice.secret)
     assert cost_of(client, model.name, 100) == 100
     calls_before = mock_upstream.calls(upstream_name(model))
     rows_before = LedgerEntry.objects.filter(key_id=alice.key.id).count()
@@ -129,9 +120,9 @@ def test_it_shares_a_team_budget_between_the_teams_keys(
 ):
     model = output_priced_model(make_model, output_tokens=50, output="2")
     team = make_team(budget_micro_usd=450, budget_period="daily", timezone="Asia/Kolkata")
-    alice = sdk(live_gateway, make_key(team=team, name="alice").secret)
-    bob = sdk(live_gateway, make_key(team=team, name="bob").secret)
-    charlie = sdk(live_gateway, make_key(name="charlie").secret)  # another team, no budget
+    alice = openai_sdk(live_gateway, make_key(team=team, name="alice").secret)
+    bob = openai_sdk(live_gateway, make_key(team=team, name="bob").secret)
+    charlie = openai_sdk(live_gateway, make_key(name="charlie").secret)  # another team, no budget
 
     assert cost_of(alice, model.name, 100) == 100
     assert cost_of(bob, model.name, 100) == 100
@@ -140,7 +131,7 @@ def test_it_shares_a_team_budget_between_the_teams_keys(
     refused_alice = refusal(alice, model.name, 100)
 
     for refused in (refused_bob, refused_alice):
-        error = body(refused)
+        error = sdk_error_body(refused)
         assert error["type"] == "insufficient_quota", error
         assert error["code"] == "team_budget_exceeded", error
         message = error["message"]
@@ -158,23 +149,25 @@ def test_it_names_the_key_budget_when_it_is_tighter_than_the_team_budget(
 ):
     model = output_priced_model(make_model, output_tokens=50, output="2")
     team = make_team(budget_micro_usd=1_000_000)
-    alice = sdk(live_gateway, make_key(team=team, max_budget_micro_usd=250).secret)
+    alice = openai_sdk(live_gateway, make_key(team=team, max_budget_micro_usd=250).secret)
 
     assert cost_of(alice, model.name, 100) == 100
     refused = refusal(alice, model.name, 100)
 
-    assert body(refused)["code"] == "key_budget_exceeded", body(refused)
-    assert "$0.000250" in body(refused)["message"], body(refused)
+    assert sdk_error_body(refused)["code"] == "key_budget_exceeded", sdk_error_body(refused)
+    assert "$0.000250" in sdk_error_body(refused)["message"], sdk_error_body(refused)
 
 
 def test_it_says_a_total_credit_does_not_reset(live_gateway, make_model, make_key):
     model = output_priced_model(make_model, output_tokens=50, output="2")
-    alice = sdk(live_gateway, make_key(max_budget_micro_usd=250, budget_period="total").secret)
+    alice = openai_sdk(
+        live_gateway, make_key(max_budget_micro_usd=250, budget_period="total").secret
+    )
 
     assert cost_of(alice, model.name, 100) == 100
     refused = refusal(alice, model.name, 100)
 
-    error = body(refused)
+    error = sdk_error_body(refused)
     assert error["code"] == "key_budget_exceeded", error
     assert "does not reset" in error["message"], error
     assert "$0.000250" in error["message"] and "$0.000100" in error["message"], error
@@ -185,12 +178,12 @@ def test_it_refuses_a_request_that_could_never_fit(
     live_gateway, mock_upstream, make_model, make_key
 ):
     model = output_priced_model(make_model, output_tokens=50, output="2")
-    alice = sdk(live_gateway, make_key(max_budget_micro_usd=199).secret)
+    alice = openai_sdk(live_gateway, make_key(max_budget_micro_usd=199).secret)
 
     refused = refusal(alice, model.name, 100)  # 200 > 199 before anything is spent
 
-    assert "$0.000000 spent" in body(refused)["message"], body(refused)
-    assert "$0.000200" in body(refused)["message"], body(refused)
+    assert "$0.000000 spent" in sdk_error_body(refused)["message"], sdk_error_body(refused)
+    assert "$0.000200" in sdk_error_body(refused)["message"], sdk_error_body(refused)
     assert mock_upstream.calls(upstream_name(model)) == 0
 
 
@@ -201,7 +194,7 @@ def test_it_charges_the_team_markup_on_top_of_the_list_cost(
     name = unique("markup")
     model = make_model(name=name, provider_model=f"openai/{name};output_tokens=7")  # 1.00 / 2.00
     team = make_team(markup_percent=Decimal(markup))
-    alice = sdk(live_gateway, make_key(team=team).secret)
+    alice = openai_sdk(live_gateway, make_key(team=team).secret)
 
     raw = alice.chat.completions.with_raw_response.create(model=model.name, messages=HELLO)
     usage = raw.parse().usage
@@ -226,11 +219,11 @@ def test_it_charges_the_team_markup_on_top_of_the_list_cost(
 def test_it_reserves_with_the_markup_applied(live_gateway, make_model, make_team, make_key):
     model = output_priced_model(make_model, output_tokens=50, output="2")
     team = make_team(markup_percent=Decimal("100"))
-    alice = sdk(live_gateway, make_key(team=team, max_budget_micro_usd=399).secret)
+    alice = openai_sdk(live_gateway, make_key(team=team, max_budget_micro_usd=399).secret)
 
     refused = refusal(alice, model.name, 100)  # 100 * 2 * 2 = 400 > 399
 
-    assert "$0.000400" in body(refused)["message"], body(refused)
+    assert "$0.000400" in sdk_error_body(refused)["message"], sdk_error_body(refused)
     assert cost_of(alice, model.name, 99) == 200  # 396 fits; charged 50 * 2 * 2
 
 
@@ -239,8 +232,8 @@ def test_it_keeps_the_budget_counters_equal_to_the_ledger(
 ):
     team = make_team(budget_micro_usd=20_000)
     alice_issued = make_key(team=team, name="alice", max_budget_micro_usd=10_000)
-    alice = sdk(live_gateway, alice_issued.secret)
-    bob = sdk(live_gateway, make_key(team=team, name="bob").secret)
+    alice = openai_sdk(live_gateway, alice_issued.secret)
+    bob = openai_sdk(live_gateway, make_key(team=team, name="bob").secret)
     models = [output_priced_model(make_model, output_tokens=n) for n in (37, 120, 5)]
     failing = output_priced_model(make_model, output_tokens=9, controls=";status=400")
 
@@ -269,11 +262,11 @@ def test_it_keeps_the_budget_counters_equal_to_the_ledger(
     # What admission enforces agrees to the micro-dollar: one token more than the rest of
     # the key budget is refused, naming the ledger's spend and nothing reserved ...
     refused = refusal(alice, models[2].name, 10_000 - spent + 1)
-    assert f"${usd_str(spent)} spent and $0.000000 reserved" in body(refused)["message"]
+    assert f"${usd_str(spent)} spent and $0.000000 reserved" in sdk_error_body(refused)["message"]
     # ... the same on the team counter, through bob's key ...
     refused = refusal(bob, models[2].name, 20_000 - spent + 1)
-    assert body(refused)["code"] == "team_budget_exceeded"
-    assert f"${usd_str(spent)} spent and $0.000000 reserved" in body(refused)["message"]
+    assert sdk_error_body(refused)["code"] == "team_budget_exceeded"
+    assert f"${usd_str(spent)} spent and $0.000000 reserved" in sdk_error_body(refused)["message"]
     # ... and exactly the rest is admitted.
     assert cost_of(alice, models[2].name, 10_000 - spent) == 5
 
@@ -291,7 +284,7 @@ def test_it_never_lets_concurrent_requests_overspend(live_gateway, make_model, m
                     model=model.name, messages=HELLO, max_tokens=100
                 )
             except openai.RateLimitError as exc:
-                assert body(exc)["code"] == "key_budget_exceeded", body(exc)
+                assert sdk_error_body(exc)["code"] == "key_budget_exceeded", sdk_error_body(exc)
                 return None
             return usd(raw.headers["x-gateway-cost-usd"])
 
@@ -333,14 +326,14 @@ def test_it_keeps_spend_within_the_budget_when_the_provider_counts_more_prompt_t
         output_cost_per_million=Decimal("0"),
     )
     issued = make_key(max_budget_micro_usd=700)
-    client = sdk(live_gateway, issued.secret)
+    client = openai_sdk(live_gateway, issued.secret)
 
     try:
         client.chat.completions.create(
             model=model.name, messages=[{"role": "user", "content": "a" * 4000}], max_tokens=1
         )
     except openai.RateLimitError as exc:
-        assert body(exc)["code"] == "key_budget_exceeded", body(exc)
+        assert sdk_error_body(exc)["code"] == "key_budget_exceeded", sdk_error_body(exc)
 
     rows = LedgerEntry.objects.filter(key_id=issued.key.id)
     spent = sum(r.charged_cost_micro_usd for r in rows)

@@ -8,7 +8,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from tests.billing import HELLO, openai_error, output_priced_model, sdk
+from tests.support.http import HELLO, assert_openai_error, openai_sdk
+from tests.support.money import output_priced_model
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +56,7 @@ def test_it_reports_the_callers_limits_budget_and_spend(
         tpm_limit=20_000,
         allowed_models=[model.name],
     )
-    client = sdk(live_gateway, alice.secret)
+    client = openai_sdk(live_gateway, alice.secret)
     for _ in range(3):
         client.chat.completions.create(model=model.name, messages=HELLO, max_tokens=100)
 
@@ -104,10 +105,10 @@ def test_it_shows_each_key_only_its_own_numbers(live_gateway, make_model, make_t
     charlie_team = make_team(name="charlie's team")
     charlie = make_key(team=charlie_team, name="charlie")
     for _ in range(4):
-        sdk(live_gateway, alice.secret).chat.completions.create(
+        openai_sdk(live_gateway, alice.secret).chat.completions.create(
             model=model.name, messages=HELLO, max_tokens=50
         )
-    sdk(live_gateway, charlie.secret).chat.completions.create(
+    openai_sdk(live_gateway, charlie.secret).chat.completions.create(
         model=model.name, messages=HELLO, max_tokens=50
     )
 
@@ -150,10 +151,15 @@ def test_it_refuses_a_missing_or_wrong_key(live_gateway, make_key):
 
     account_services.key_revoke(key=revoked.key)
 
-    assert openai_error(key_info(live_gateway, None), 401)["code"] == "missing_api_key"
-    wrong = openai_error(key_info(live_gateway, issued.secret[:-2] + "xx"), 401)
+    assert assert_openai_error(key_info(live_gateway, None), 401)["code"] == "missing_api_key"
+    wrong = assert_openai_error(key_info(live_gateway, issued.secret[:-2] + "xx"), 401)
     assert wrong["code"] == "invalid_api_key"
     # The admin token is not a virtual key.
     admin_token = live_gateway.env["GATEWAY_ADMIN_TOKEN"]
-    assert openai_error(key_info(live_gateway, admin_token), 401)["code"] == "invalid_api_key"
-    assert openai_error(key_info(live_gateway, revoked.secret), 401)["code"] == "invalid_api_key"
+    assert (
+        assert_openai_error(key_info(live_gateway, admin_token), 401)["code"] == "invalid_api_key"
+    )
+    assert (
+        assert_openai_error(key_info(live_gateway, revoked.secret), 401)["code"]
+        == "invalid_api_key"
+    )

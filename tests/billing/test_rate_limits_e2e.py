@@ -9,7 +9,9 @@ import openai
 import pytest
 
 from billing.models import LedgerEntry
-from tests.billing import HELLO, body, fresh_minute, output_priced_model, sdk, upstream_name
+from tests.support.http import HELLO, openai_sdk, sdk_error_body
+from tests.support.money import output_priced_model, upstream_name
+from tests.support.waiting import fresh_minute
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +45,7 @@ def test_it_refuses_the_fourth_request_in_a_minute_at_rpm_3(
 ):
     model = output_priced_model(make_model, output_tokens=5)
     alice = make_key(rpm_limit=3)
-    client = sdk(live_gateway, alice.secret)
+    client = openai_sdk(live_gateway, alice.secret)
     fresh_minute()
 
     headers = [ask(client, model.name) for _ in range(3)]
@@ -56,9 +58,9 @@ def test_it_refuses_the_fourth_request_in_a_minute_at_rpm_3(
         # No token limit on this key: no token headers.
         assert "x-ratelimit-limit-tokens" not in h, h
     assert error.status_code == 429
-    assert body(error)["type"] == "rate_limit_exceeded", body(error)
-    assert body(error)["code"] == "rate_limit_exceeded", body(error)
-    assert "3 requests per minute" in body(error)["message"], body(error)
+    assert sdk_error_body(error)["type"] == "rate_limit_exceeded", sdk_error_body(error)
+    assert sdk_error_body(error)["code"] == "rate_limit_exceeded", sdk_error_body(error)
+    assert "3 requests per minute" in sdk_error_body(error)["message"], sdk_error_body(error)
     assert int(error.response.headers["retry-after"]) > 0
     assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
     # The refused request reached no provider and left no ledger row.
@@ -68,7 +70,7 @@ def test_it_refuses_the_fourth_request_in_a_minute_at_rpm_3(
 
 def test_it_sends_the_rate_limit_headers_on_a_stream(live_gateway, make_model, make_key):
     model = output_priced_model(make_model, output_tokens=5)
-    client = sdk(live_gateway, make_key(rpm_limit=5, tpm_limit=10_000).secret)
+    client = openai_sdk(live_gateway, make_key(rpm_limit=5, tpm_limit=10_000).secret)
     fresh_minute()
 
     with client.chat.completions.with_streaming_response.create(
@@ -86,7 +88,7 @@ def test_it_sends_the_rate_limit_headers_on_a_stream(live_gateway, make_model, m
 def test_it_says_to_retry_when_the_minute_window_ends(live_gateway, make_model, make_key):
     """retry-after is when the fixed window ends: never more than the rest of the minute."""
     model = output_priced_model(make_model, output_tokens=5)
-    client = sdk(live_gateway, make_key(rpm_limit=1).secret)
+    client = openai_sdk(live_gateway, make_key(rpm_limit=1).secret)
     fresh_minute()
     ask(client, model.name)
 
@@ -97,7 +99,7 @@ def test_it_says_to_retry_when_the_minute_window_ends(live_gateway, make_model, 
     reset = reset_seconds(error.response.headers["x-ratelimit-reset-requests"])
     assert 1 <= retry_after <= int(seconds_left) + 2, (retry_after, seconds_left)
     assert reset <= seconds_left + 2, (reset, seconds_left)
-    assert f"Retry after {retry_after}s" in body(error)["message"], body(error)
+    assert f"Retry after {retry_after}s" in sdk_error_body(error)["message"], sdk_error_body(error)
 
 
 def test_it_counts_prompt_plus_max_output_tokens_against_tpm(
@@ -105,7 +107,7 @@ def test_it_counts_prompt_plus_max_output_tokens_against_tpm(
 ):
     model = output_priced_model(make_model, output_tokens=5)
     alice = make_key(tpm_limit=500)
-    client = sdk(live_gateway, alice.secret)
+    client = openai_sdk(live_gateway, alice.secret)
     fresh_minute()
 
     # Each request counts its prompt plus max_tokens=200, though it only generates 5.
@@ -118,9 +120,9 @@ def test_it_counts_prompt_plus_max_output_tokens_against_tpm(
     assert 200 < used < 250, first
     assert int(second["x-ratelimit-remaining-tokens"]) == 500 - 2 * used
     assert "x-ratelimit-limit-requests" not in first
-    assert body(error)["type"] == "tokens_exceeded", body(error)
-    assert body(error)["code"] == "rate_limit_exceeded", body(error)
-    assert "500 tokens" in body(error)["message"], body(error)
+    assert sdk_error_body(error)["type"] == "tokens_exceeded", sdk_error_body(error)
+    assert sdk_error_body(error)["code"] == "rate_limit_exceeded", sdk_error_body(error)
+    assert "500 tokens" in sdk_error_body(error)["message"], sdk_error_body(error)
     assert int(error.response.headers["retry-after"]) > 0
     assert error.response.headers["x-ratelimit-remaining-tokens"] == "0"
     assert mock_upstream.calls(upstream_name(model)) == 2
@@ -130,11 +132,11 @@ def test_it_counts_prompt_plus_max_output_tokens_against_tpm(
 
 def test_it_refuses_a_single_request_larger_than_the_tpm_limit(live_gateway, make_model, make_key):
     model = output_priced_model(make_model, output_tokens=5)
-    client = sdk(live_gateway, make_key(tpm_limit=100).secret)
+    client = openai_sdk(live_gateway, make_key(tpm_limit=100).secret)
 
     error = refused(client, model.name, max_tokens=1000)
 
-    assert body(error)["type"] == "tokens_exceeded", body(error)
+    assert sdk_error_body(error)["type"] == "tokens_exceeded", sdk_error_body(error)
 
 
 def test_it_applies_the_team_rpm_across_the_teams_keys(
@@ -142,8 +144,8 @@ def test_it_applies_the_team_rpm_across_the_teams_keys(
 ):
     model = output_priced_model(make_model, output_tokens=5)
     team = make_team(rpm_limit=2)
-    alice = sdk(live_gateway, make_key(team=team, name="alice").secret)
-    bob = sdk(live_gateway, make_key(team=team, name="bob").secret)
+    alice = openai_sdk(live_gateway, make_key(team=team, name="alice").secret)
+    bob = openai_sdk(live_gateway, make_key(team=team, name="bob").secret)
     fresh_minute()
 
     from_alice = ask(alice, model.name)
@@ -155,9 +157,9 @@ def test_it_applies_the_team_rpm_across_the_teams_keys(
     assert from_alice["x-ratelimit-remaining-requests"] == "1"
     assert from_bob["x-ratelimit-remaining-requests"] == "0"
     for error in (error_alice, error_bob):
-        assert body(error)["type"] == "rate_limit_exceeded", body(error)
-        assert "team" in body(error)["message"], body(error)
-        assert "2 requests per minute" in body(error)["message"], body(error)
+        assert sdk_error_body(error)["type"] == "rate_limit_exceeded", sdk_error_body(error)
+        assert "team" in sdk_error_body(error)["message"], sdk_error_body(error)
+        assert "2 requests per minute" in sdk_error_body(error)["message"], sdk_error_body(error)
 
 
 def test_it_reports_the_tighter_of_key_and_team_limits(
@@ -165,7 +167,7 @@ def test_it_reports_the_tighter_of_key_and_team_limits(
 ):
     model = output_priced_model(make_model, output_tokens=5)
     team = make_team(rpm_limit=10)
-    client = sdk(live_gateway, make_key(team=team, rpm_limit=2).secret)
+    client = openai_sdk(live_gateway, make_key(team=team, rpm_limit=2).secret)
     fresh_minute()
 
     first = ask(client, model.name)
@@ -177,16 +179,16 @@ def test_it_reports_the_tighter_of_key_and_team_limits(
         "1",
     )
     assert second["x-ratelimit-remaining-requests"] == "0"
-    assert "this key:" in body(error)["message"], body(error)
+    assert "this key:" in sdk_error_body(error)["message"], sdk_error_body(error)
 
 
 def test_it_leaves_another_teams_key_unaffected(live_gateway, make_model, make_team, make_key):
     model = output_priced_model(make_model, output_tokens=5)
     alice_team = make_team(rpm_limit=1)
-    alice = sdk(live_gateway, make_key(team=alice_team, name="alice", rpm_limit=1).secret)
+    alice = openai_sdk(live_gateway, make_key(team=alice_team, name="alice", rpm_limit=1).secret)
     charlie_team = make_team(rpm_limit=2)
-    charlie = sdk(live_gateway, make_key(team=charlie_team, name="charlie").secret)
-    unlimited = sdk(live_gateway, make_key(name="no limits").secret)
+    charlie = openai_sdk(live_gateway, make_key(team=charlie_team, name="charlie").secret)
+    unlimited = openai_sdk(live_gateway, make_key(name="no limits").secret)
     fresh_minute()
 
     ask(alice, model.name)

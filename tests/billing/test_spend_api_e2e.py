@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from billing.models import LedgerEntry
-from tests.billing import HELLO, openai_error, output_priced_model, sdk, unique, usd, usd_str
+from tests.support.http import HELLO, assert_openai_error, openai_sdk, unique
+from tests.support.money import output_priced_model, usd, usd_str
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +68,7 @@ def test_it_reports_team_and_key_spend_by_model(live_gateway, admin, make_model)
         (alice["key"], dear),
         (bob["key"], dear),
     ]:
-        raw = sdk(live_gateway, secret).chat.completions.with_raw_response.create(
+        raw = openai_sdk(live_gateway, secret).chat.completions.with_raw_response.create(
             model=model.name, messages=[{"role": "user", "content": unique("q")}], max_tokens=100
         )
         usage = raw.parse().usage
@@ -129,7 +130,7 @@ def test_it_reports_cached_reasoning_and_markup_in_the_breakdown(
     team = make_team(markup_percent=Decimal("10"))
     issued = make_key(team=team)
 
-    raw = sdk(live_gateway, issued.secret).chat.completions.with_raw_response.create(
+    raw = openai_sdk(live_gateway, issued.secret).chat.completions.with_raw_response.create(
         model=model.name, messages=HELLO
     )
     usage = raw.parse().usage
@@ -172,7 +173,7 @@ def test_it_reports_zero_for_a_key_that_spent_nothing(admin, make_key):
 def test_it_refuses_an_unknown_timezone_naming_the_field(admin):
     response = admin.post("/teams", json={"name": unique("team"), "timezone": "Mars/Olympus"})
 
-    error = openai_error(response, 400)
+    error = assert_openai_error(response, 400)
     assert error["param"] == "timezone", error
     assert "timezone" in error["message"].lower() or "Mars/Olympus" in error["message"], error
 
@@ -181,7 +182,7 @@ def test_it_answers_404_for_an_unknown_team_or_key(admin, make_key):
     missing = make_key().key.id + 1_000_000
 
     for path in (f"/teams/{missing}/spend", f"/keys/{missing}/spend"):
-        error = openai_error(admin.get(path), 404)
+        error = assert_openai_error(admin.get(path), 404)
         assert error["code"] == "not_found", error
         assert str(missing) in error["message"], error
 
@@ -200,7 +201,7 @@ def test_it_refuses_callers_without_the_admin_token(live_gateway, make_key, path
         {"x-api-key": issued.secret},
     ):
         response = httpx.get(url, headers=headers, timeout=10)
-        error = openai_error(response, 401)
+        error = assert_openai_error(response, 401)
         assert issued.secret not in response.text
         assert error["code"] == "invalid_admin_token", error
 
@@ -228,7 +229,7 @@ def traffic(live_gateway, make_model, make_team, make_key):
         (alice, first),
     ]:
         try:
-            raw = sdk(live_gateway, issued.secret).chat.completions.with_raw_response.create(
+            raw = openai_sdk(live_gateway, issued.secret).chat.completions.with_raw_response.create(
                 model=model.name, messages=HELLO
             )
             request_id = raw.headers["x-request-id"]
@@ -316,8 +317,11 @@ def test_it_pages_through_the_ledger(admin, traffic):
     assert [(p["limit"], p["offset"]) for p in pages] == [(2, 0), (2, 2), (2, 4), (2, 6)]
     assert [len(p["items"]) for p in pages] == [2, 2, 1, 0]
     assert [rid for p in pages for rid in ids(p)] == everything
-    assert openai_error(admin.get("/ledger", params={"limit": 0}), 400)["param"] == "limit"
-    assert openai_error(admin.get("/ledger", params={"status": "paid"}), 400)["param"] == "status"
+    assert assert_openai_error(admin.get("/ledger", params={"limit": 0}), 400)["param"] == "limit"
+    assert (
+        assert_openai_error(admin.get("/ledger", params={"status": "paid"}), 400)["param"]
+        == "status"
+    )
 
 
 def test_it_exports_the_ledger_as_csv(admin, traffic):

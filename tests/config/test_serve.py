@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.support.live import ROOT
 
 
 def serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -39,7 +39,7 @@ from billing.models import (
 from core.models import AuditEntry
 from gateway.models import ModelAlias, ModelDeployment, ModelGroup
 from tests.dashboard.conftest import ROLES, World, month_ago
-from tests.gateway.support import check_each
+from tests.support.http import check_each
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from billing.ledger import AttemptRecord, ledger_write
 from billing.pricing import Usage
 from gateway import services
 from tests.dashboard.conftest import PASSWORD, make_user
-from tests.gateway.support import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -12,15 +12,8 @@ from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 from pydantic import BaseModel
 
-from tests.gateway.support import (
-    content_of,
-    expected_cost_micro_usd,
-    first_tool_call,
-    micro_to_usd_str,
-    unique,
-    usage_of,
-    usd_header_to_micro,
-)
+from tests.support.http import content_of, first_tool_call, unique, usage_of
+from tests.support.money import cost_micro_usd, usd, usd_str
 
 pytestmark = pytest.mark.e2e
 
@@ -83,13 +76,15 @@ def test_it_reports_the_cost_of_the_usage_in_x_gateway_cost_usd(live_gateway, ma
     )
     usage = usage_of(raw.parse())
 
-    expected = expected_cost_micro_usd(
-        usage.prompt_tokens, usage.completion_tokens, Decimal("1.00"), Decimal("2.00")
+    expected = cost_micro_usd(
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        prices=("1.00", "2.00"),
     )
     assert expected > 0
     header = raw.headers["x-gateway-cost-usd"]
-    assert header == micro_to_usd_str(expected)
-    assert usd_header_to_micro(header) == expected
+    assert header == usd_str(expected)
+    assert usd(header) == expected
 
 
 def test_it_rounds_the_cost_up_to_the_next_micro_dollar(live_gateway, make_model, make_key):
@@ -111,11 +106,13 @@ def test_it_rounds_the_cost_up_to_the_next_micro_dollar(live_gateway, make_model
     exact = usage.prompt_tokens * Decimal("0.1") + usage.completion_tokens * Decimal("0.5")
     # The precondition that makes this test about rounding: the exact cost is fractional.
     assert exact != exact.to_integral_value(), exact
-    expected = expected_cost_micro_usd(
-        usage.prompt_tokens, usage.completion_tokens, Decimal("0.1"), Decimal("0.5")
+    expected = cost_micro_usd(
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        prices=("0.1", "0.5"),
     )
     assert expected == int(exact) + 1
-    assert raw.headers["x-gateway-cost-usd"] == micro_to_usd_str(expected)
+    assert raw.headers["x-gateway-cost-usd"] == usd_str(expected)
 
 
 def test_it_answers_concurrent_requests_from_the_async_sdk(live_gateway, make_model, make_key):
@@ -145,7 +142,7 @@ def test_it_answers_concurrent_requests_from_the_async_sdk(live_gateway, make_mo
 
     for index, (content, _, cost) in enumerate(results):
         assert content.startswith(f"Mock reply to: Question {index}")
-        assert usd_header_to_micro(cost) > 0
+        assert usd(cost) > 0
     assert len({request_id for _, request_id, _ in results}) == 5
 
 

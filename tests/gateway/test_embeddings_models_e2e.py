@@ -12,13 +12,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.gateway.support import (
-    assert_openai_error,
-    content_of,
-    expected_cost_micro_usd,
-    micro_to_usd_str,
-    unique,
-)
+from tests.support.http import assert_openai_error, content_of, unique
+from tests.support.money import cost_micro_usd, usd_str
 
 pytestmark = pytest.mark.e2e
 
@@ -48,8 +43,10 @@ def test_it_embeds_as_floats_through_the_sdk(live_gateway, make_model, make_key)
         assert abs(sum(value * value for value in item.embedding) - 1.0) < 1e-4
     assert result.data[0].embedding != result.data[1].embedding
     assert result.usage.prompt_tokens > 0
-    expected = expected_cost_micro_usd(result.usage.prompt_tokens, 0, Decimal("1"), Decimal("2"))
-    assert raw.headers["x-gateway-cost-usd"] == micro_to_usd_str(expected)
+    expected = cost_micro_usd(
+        input_tokens=result.usage.prompt_tokens, output_tokens=0, prices=("1", "2")
+    )
+    assert raw.headers["x-gateway-cost-usd"] == usd_str(expected)
     assert raw.headers["x-request-id"]
 
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.gateway.support import assert_openai_error, chat, check_each, unique
+from tests.support.http import assert_openai_error, chat, check_each, unique
 
 pytestmark = pytest.mark.e2e
 

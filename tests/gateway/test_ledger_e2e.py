@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 import httpx
 import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.gateway.support import (
-    expected_cost_micro_usd,
-    sse_chunks,
-    unique,
-    usage_of,
-    usd_header_to_micro,
-)
+from tests.support.http import sse_chunks, unique, usage_of
+from tests.support.money import cost_micro_usd, usd
 
 pytestmark = pytest.mark.e2e
 
@@ -48,9 +41,9 @@ def test_it_writes_one_row_for_a_chat_completion_at_the_header_cost(
     usage = usage_of(reply)
     assert row.prompt_tokens == usage.prompt_tokens
     assert row.completion_tokens == usage.completion_tokens
-    assert row.charged_cost_micro_usd == usd_header_to_micro(raw.headers["x-gateway-cost-usd"])
-    assert row.charged_cost_micro_usd == expected_cost_micro_usd(
-        usage.prompt_tokens, usage.completion_tokens, Decimal(1), Decimal(2)
+    assert row.charged_cost_micro_usd == usd(raw.headers["x-gateway-cost-usd"])
+    assert row.charged_cost_micro_usd == cost_micro_usd(
+        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, prices=("1", "2")
     )
 
 
@@ -65,7 +58,7 @@ def test_it_writes_one_row_for_an_embedding(live_gateway, make_model, make_key):
     [row] = rows_for(raw.headers["x-request-id"])
     assert row.status == "success"
     assert row.prompt_tokens == raw.parse().usage.prompt_tokens
-    assert row.charged_cost_micro_usd == usd_header_to_micro(raw.headers["x-gateway-cost-usd"])
+    assert row.charged_cost_micro_usd == usd(raw.headers["x-gateway-cost-usd"])
 
 
 def test_it_writes_one_row_for_a_stream_with_the_usage_the_client_saw(
@@ -98,8 +91,10 @@ def test_it_writes_one_row_for_a_stream_with_the_usage_the_client_saw(
     assert row.ttft_ms >= 0
     assert row.prompt_tokens == usage["prompt_tokens"]
     assert row.completion_tokens == usage["completion_tokens"]
-    assert row.charged_cost_micro_usd == expected_cost_micro_usd(
-        usage["prompt_tokens"], usage["completion_tokens"], Decimal(1), Decimal(2)
+    assert row.charged_cost_micro_usd == cost_micro_usd(
+        input_tokens=usage["prompt_tokens"],
+        output_tokens=usage["completion_tokens"],
+        prices=("1", "2"),
     )
 
 
@@ -149,7 +144,7 @@ def test_it_writes_one_zero_cost_error_row_for_an_upstream_failure(
     assert row.list_cost_micro_usd == 0
     assert (
         "x-gateway-cost-usd" not in response.headers
-        or usd_header_to_micro(response.headers["x-gateway-cost-usd"]) == 0
+        or usd(response.headers["x-gateway-cost-usd"]) == 0
     )
 
 

@@ -17,14 +17,8 @@ import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionFunctionToolParam
 
-from tests.gateway.support import (
-    assert_openai_error,
-    chat,
-    check_each,
-    content_of,
-    first_tool_call,
-)
-from tests.support import Canary, open_canary
+from tests.support.http import assert_openai_error, chat, check_each, content_of, first_tool_call
+from tests.support.listeners import Canary, open_canary
 
 pytestmark = pytest.mark.e2e
 

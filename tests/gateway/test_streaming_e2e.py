@@ -11,7 +11,7 @@ from openai import AsyncOpenAI, OpenAI
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
-from tests.gateway.support import content_of, sse_chunks, unique, usage_of
+from tests.support.http import content_of, sse_chunks, unique, usage_of
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,7 @@
-"""Fixtures for the reliability and security proofs, and the `soak` marker.
+"""Fixtures for the proofs (tests that break things on purpose), and the `soak` marker.
+
+Private gateways and a private Redis a test may stop, kill or SIGSTOP; a canary and a
+redirector for the SSRF proofs.
 
 Soak variants (longer, more examples) are marked `@pytest.mark.soak` and skipped
 unless GATEWAY_SOAK=1, which `make soak` sets: the project's pytest options select
@@ -8,15 +11,19 @@ no markers, so the skip lives here.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from tests.conftest import LiveGateway, gateway_env, start_gateway
-from tests.proofs.support import Canary, Redirector, open_canary, open_redirector
+from tests.support.listeners import Canary, Redirector, open_canary, open_redirector
+from tests.support.live import LiveGateway, free_port, gateway_env, start_gateway, stop_process
 
 SOAK = os.environ.get("GATEWAY_SOAK") == "1"
 
@@ -36,29 +43,69 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@dataclass
+class PrivateRedis:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
 @pytest.fixture
-def private_gateway(
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    found = PrivateRedis(url, process)
+    try:
+        yield found
+    finally:
+        found.resume()
+        stop_process(process)
+
+
+@pytest.fixture
+def spawn_gateway(
     live_gateway: LiveGateway, services_env: dict[str, str], tmp_path: Path
 ) -> Iterator[Any]:
-    """Start gateways of our own on the test database; all are stopped afterwards."""
+    """Start extra gateway processes on the test database; all are stopped afterwards."""
     started: list[LiveGateway] = []
 
-    def spawn(workers: int = 1, **env: str) -> LiveGateway:
-        gateway = start_gateway(
-            gateway_env(services_env, **env), tmp_path / f"gateway-{len(started)}.log", workers
-        )
+    def spawn(workers: int = 1, server: str = "uvicorn", **env: str) -> LiveGateway:
+        log_path = tmp_path / f"gateway-{len(started)}.log"
+        gateway = start_gateway(gateway_env(services_env, **env), log_path, workers, server)
         started.append(gateway)
         return gateway
 
     yield spawn
     for gateway in started:
-        if gateway.process.poll() is None:
-            gateway.process.terminate()
-            try:
-                gateway.process.wait(10)
-            except subprocess.TimeoutExpired:
-                gateway.process.kill()
-                gateway.process.wait(10)
+        stop_process(gateway.process)
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ import httpx
 import pytest
 from django.db import connection
 
-from tests.proofs.support import dashboard_login, dashboard_post, openai_error_shape
+from tests.support.dashboard import dashboard_login, dashboard_post
+from tests.support.http import openai_error_shape
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,8 @@ from typing import Any
 import openai
 import pytest
 import redis
-from django.db.models import Sum
+
+from tests.support.money import ledger_spent
 
 pytestmark = pytest.mark.e2e
 
@@ -106,13 +107,6 @@ async def _fire(
     return list(results[: storm.tight]), list(results[storm.tight :])
 
 
-def _ledger_sum(key_id: int) -> int:
-    from billing.models import LedgerEntry
-
-    total = LedgerEntry.objects.filter(key_id=key_id).aggregate(s=Sum("charged_cost_micro_usd"))
-    return int(total["s"] or 0)
-
-
 def _counter_state(counters: Any, key_id: int) -> tuple[bytes, dict[bytes, bytes], list[bytes]]:
     names = list(counters.scan_iter(f"gw:bud:k:{key_id}:*"))
     assert len(names) == 1, names
@@ -124,7 +118,7 @@ def _counter_state(counters: Any, key_id: int) -> tuple[bytes, dict[bytes, bytes
 def _settled(counters: Any, key_id: int) -> bool:
     _, state, still_open = _counter_state(counters, key_id)
     return (
-        int(state.get(b"spent", -1)) == _ledger_sum(key_id)
+        int(state.get(b"spent", -1)) == ledger_spent(key_id=key_id)
         and int(state.get(b"reserved", -1)) == 0
         and not still_open
     )
@@ -176,11 +170,11 @@ def _prove(gateway: Any, make_model: Any, make_key: Any, storm: Storm) -> None:
     assert tight_results.count("failed") + roomy_results.count("failed") > 0  # faults happened
     assert tight_results.count("aborted") > 0, tight_results
 
-    spent = _ledger_sum(tight.key.id)
+    spent = ledger_spent(key_id=tight.key.id)
     assert 0 < spent <= BUDGET, f"admitted spend {spent} micro-USD passes the {BUDGET} budget"
     for issued in (tight, roomy):
         counter, state, still_open = _counter_state(counters, issued.key.id)
-        ledger = _ledger_sum(issued.key.id)
+        ledger = ledger_spent(key_id=issued.key.id)
         assert int(state[b"spent"]) == ledger, (counter, state, ledger)
         assert int(state[b"reserved"]) == 0, (counter, state)
         assert still_open == [], f"reservations left open on {counter!r}: {still_open}"
@@ -188,7 +182,7 @@ def _prove(gateway: Any, make_model: Any, make_key: Any, storm: Storm) -> None:
     # The roomy key never got a false refusal; its only failures are the provider's.
     assert roomy_results.count("refused") == 0, roomy_results
     assert set(roomy_results) <= {"ok", "failed"}, roomy_results
-    assert _ledger_sum(roomy.key.id) <= roomy_budget
+    assert ledger_spent(key_id=roomy.key.id) <= roomy_budget
 
 
 def test_it_keeps_a_budget_under_200_concurrent_requests_with_failures_and_hang_ups(
@@ -201,6 +195,6 @@ def test_it_keeps_a_budget_under_200_concurrent_requests_with_failures_and_hang_
 
 @pytest.mark.soak
 def test_soak_it_keeps_a_budget_under_1000_concurrent_requests_with_failures_and_hang_ups(
-    private_gateway, make_model, make_key
+    spawn_gateway, make_model, make_key
 ):
-    _prove(private_gateway(workers=2), make_model, make_key, Storm(tight=1000, roomy=400))
+    _prove(spawn_gateway(workers=2), make_model, make_key, Storm(tight=1000, roomy=400))

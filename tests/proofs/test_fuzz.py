@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.proofs.conftest import SOAK
-from tests.proofs.support import anthropic_error_shape, openai_error_shape
+from tests.support.http import anthropic_error_shape, openai_error_shape
 
 pytestmark = pytest.mark.e2e
 

@@ -19,14 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
-from django.db.models import Sum
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.proofs.conftest import SOAK
-from tests.proofs.support import openai_error_shape
 from tests.proofs.test_fuzz import fuzz_settings
+from tests.support.http import openai_error_shape
+from tests.support.money import budget_counter, ledger_cache_hits, ledger_spent
 
 pytestmark = pytest.mark.e2e
 
@@ -36,23 +35,6 @@ BUDGET = 150_000  # micro-USD
 SHORT = ["hi", "spend", "again", "once more"]
 # Longer than the cheap model's 40-token context: served by its pricier fallback.
 LONG = [" ".join(["a long prompt that must fall back"] * 12) + f" {i}" for i in range(3)]
-
-
-def _ledger(key_id: int) -> tuple[int, int]:
-    from billing.models import LedgerEntry
-
-    rows = LedgerEntry.objects.filter(key_id=key_id)
-    total = rows.aggregate(s=Sum("charged_cost_micro_usd"))["s"]
-    return int(total or 0), rows.filter(cache_hit=True).count()
-
-
-def _counter(url: str, key_id: int) -> tuple[int, int]:
-    client = redis.Redis.from_url(url)
-    names = list(client.scan_iter(f"gw:bud:k:{key_id}:*"))
-    if not names:
-        return 0, 0
-    state = client.hgetall(names[0])
-    return int(state.get(b"spent", 0)), int(state.get(b"reserved", 0))
 
 
 @st.composite
@@ -82,14 +64,14 @@ def requests(draw: Any) -> tuple[str, dict[str, Any], bool]:
 
 
 def test_it_never_spends_past_the_budget_whatever_the_multipliers(
-    private_gateway: Any,
+    spawn_gateway: Any,
     services_env: dict[str, str],
     make_model: Any,
     make_key: Any,
 ) -> None:
     from gateway import services
 
-    gateway = private_gateway(GATEWAY_CACHE_BILL_HITS="true")
+    gateway = spawn_gateway(GATEWAY_CACHE_BILL_HITS="true")
     tag = uuid.uuid4().hex[:8]
     pricey_name, cheap_name = f"pricey-{tag}", f"cheap-{tag}"
     make_model(
@@ -125,7 +107,7 @@ def test_it_never_spends_past_the_budget_whatever_the_multipliers(
             assert openai_error_shape(httpx.Response(status, content=raw).json()), raw[:300]
         elif body.get("stream"):
             assert raw.rstrip().endswith(b"data: [DONE]"), raw[-300:]
-        spent, _ = _ledger(key.key.id)
+        spent, _ = (ledger_spent(key_id=key.key.id), ledger_cache_hits(key_id=key.key.id))
         assert spent <= BUDGET, (spent, body)
 
     @fuzz_settings(EXAMPLES)
@@ -142,11 +124,14 @@ def test_it_never_spends_past_the_budget_whatever_the_multipliers(
     finally:
         client.close()
 
-    spent, hits = _ledger(key.key.id)
+    spent, hits = (ledger_spent(key_id=key.key.id), ledger_cache_hits(key_id=key.key.id))
     assert spent <= BUDGET
     deadline = time.monotonic() + 10
-    while _counter(services_env["REDIS_URL"], key.key.id) != (spent, 0):
-        assert time.monotonic() < deadline, (_counter(services_env["REDIS_URL"], key.key.id), spent)
+    while budget_counter(services_env["REDIS_URL"], key.key.id, required=False) != (spent, 0):
+        assert time.monotonic() < deadline, (
+            budget_counter(services_env["REDIS_URL"], key.key.id, required=False),
+            spent,
+        )
         time.sleep(0.05)
     # The run exercised what it is about: served, refused and cached answers.
     assert seen.get("200") and seen.get("429"), seen

@@ -22,8 +22,9 @@ import httpx
 import pytest
 from django.utils.html import escape
 
-from tests.conftest import ROOT
-from tests.proofs.support import anthropic_error_shape, dashboard_login, openai_error_shape
+from tests.support.dashboard import dashboard_login
+from tests.support.http import anthropic_error_shape, openai_error_shape
+from tests.support.live import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -29,8 +29,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import ADMIN_TOKEN, LiveGateway, gateway_env, start_gateway
 from tests.proofs.test_fuzz import fuzz_settings
+from tests.support.live import ADMIN_TOKEN, LiveGateway, gateway_env, start_gateway
 
 pytestmark = pytest.mark.e2e
 

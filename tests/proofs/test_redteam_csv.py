@@ -24,8 +24,8 @@ import openai
 import pytest
 from django.utils import timezone
 
-from tests.proofs.support import dashboard_login
-from tests.support import wait_for
+from tests.support.dashboard import dashboard_login
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -173,7 +173,7 @@ def test_every_invoice_csv_prefixes_formulas_in_model_names(
 
 def test_no_export_writes_csv_around_the_safe_writer() -> None:
     """One place for the rule: product code writes CSV only through billing.csv_export."""
-    from tests.conftest import ROOT
+    from tests.support.live import ROOT
 
     offenders = [
         str(path.relative_to(ROOT))

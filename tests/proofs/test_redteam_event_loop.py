@@ -20,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import LiveGateway
+from tests.support.live import LiveGateway
 
 pytestmark = pytest.mark.e2e
 
@@ -168,11 +168,11 @@ def _open_stream(gateway: LiveGateway, secret: str, model: str) -> tuple[socket.
 
 @pytest.mark.parametrize("usage", ["reported", "not reported"])
 def test_it_does_not_buffer_a_long_stream_for_a_slow_client(
-    private_gateway: Any, make_model: Any, make_key: Any, usage: str
+    spawn_gateway: Any, make_model: Any, make_key: Any, usage: str
 ) -> None:
     """Without usage from the provider the gateway counts the text itself, folding it as
     it goes instead of keeping every event: the count must still cover all of it."""
-    gateway = private_gateway()
+    gateway = spawn_gateway()
     controls = f";chunks={LONG_CHUNKS};output_tokens={LONG_TOKENS}"
     if usage == "not reported":
         controls += ";no_usage=1"

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import LiveGateway
+from tests.support.live import LiveGateway
 
 pytestmark = pytest.mark.e2e
 

@@ -30,7 +30,7 @@ import openai
 import pytest
 import redis
 
-from tests.support import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -147,14 +147,14 @@ def _ledger_row(request_id: str) -> Any:
 
 
 def test_it_holds_the_reservation_of_a_130_second_stream_past_the_upstream_timeout(
-    private_gateway: Any, make_model: Any, make_key: Any
+    spawn_gateway: Any, make_model: Any, make_key: Any
 ) -> None:
     # The old reservation expired 1 s (the global upstream timeout) + 120 s after
     # admission. The deployment's own timeout (30 s between bytes) keeps the stream
     # alive; 13 gaps of 10 s make it last 130 s. The default lease (30 s) must be
     # renewed four times. The embedded backend (no Redis) runs the same proof.
-    on_redis = private_gateway(GATEWAY_UPSTREAM_TIMEOUT_SECONDS="1")
-    embedded = private_gateway(GATEWAY_UPSTREAM_TIMEOUT_SECONDS="1", REDIS_URL="")
+    on_redis = spawn_gateway(GATEWAY_UPSTREAM_TIMEOUT_SECONDS="1")
+    embedded = spawn_gateway(GATEWAY_UPSTREAM_TIMEOUT_SECONDS="1", REDIS_URL="")
     model = _model(make_model, "chunks=10;chunk_delay_ms=10000", timeout_seconds=30)
     keys = {gw.url: make_key(max_budget_micro_usd=BUDGET) for gw in (on_redis, embedded)}
     streams = {
@@ -193,10 +193,10 @@ def test_it_holds_the_reservation_of_a_130_second_stream_past_the_upstream_timeo
 
 
 def test_it_releases_the_reservation_of_a_killed_gateway_one_lease_later(
-    private_gateway: Any, live_gateway: Any, make_model: Any, make_key: Any
+    spawn_gateway: Any, live_gateway: Any, make_model: Any, make_key: Any
 ) -> None:
     lease = 3.0
-    doomed = private_gateway(
+    doomed = spawn_gateway(
         GATEWAY_RESERVATION_LEASE_SECONDS=str(lease), GATEWAY_UPSTREAM_TIMEOUT_SECONDS="1"
     )
     model = _model(make_model, "chunks=40;chunk_delay_ms=500", timeout_seconds=30)
@@ -233,12 +233,12 @@ def test_it_releases_the_reservation_of_a_killed_gateway_one_lease_later(
 
 
 def test_it_keeps_the_reservation_while_a_request_waits_out_retry_after(
-    private_gateway: Any, make_model: Any, make_key: Any
+    spawn_gateway: Any, make_model: Any, make_key: Any
 ) -> None:
     from gateway import services
 
     lease = 3.0
-    gateway = private_gateway(GATEWAY_RESERVATION_LEASE_SECONDS=str(lease))
+    gateway = spawn_gateway(GATEWAY_RESERVATION_LEASE_SECONDS=str(lease))
     # The provider says "retry after 8 s" once: the request sleeps 8 s (almost three
     # leases) between its attempts, doing nothing that touches the reservation.
     model = _model(make_model, "fail_first=1;status=429;retry_after=8")
@@ -267,10 +267,10 @@ def test_it_keeps_the_reservation_while_a_request_waits_out_retry_after(
 
 
 def test_it_keeps_renewing_through_a_redis_stall(
-    private_gateway: Any, make_model: Any, make_key: Any
+    spawn_gateway: Any, make_model: Any, make_key: Any
 ) -> None:
     lease = 3.0
-    gateway = private_gateway(
+    gateway = spawn_gateway(
         GATEWAY_RESERVATION_LEASE_SECONDS=str(lease), GATEWAY_REDIS_TIMEOUT_SECONDS="0.3"
     )
     model = _model(make_model, "chunks=30;chunk_delay_ms=500", timeout_seconds=30)

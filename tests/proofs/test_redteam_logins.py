@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import secrets
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,9 +28,10 @@ import psycopg
 import pytest
 from django.conf import settings
 
+from tests.support.live import ROOT, settings_at_start_up
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 NEGATIVE_SECONDS = 3.0
 NEGATIVE_ENTRIES = 50
@@ -81,8 +79,8 @@ def _models(gateway: Any, secret: str) -> httpx.Response:
     )
 
 
-def _key_gateway(private_gateway: Any, negative_seconds: float) -> Any:
-    return private_gateway(
+def _key_gateway(spawn_gateway: Any, negative_seconds: float) -> Any:
+    return spawn_gateway(
         # Known keys stay cached through the whole test: only bad keys reach Postgres.
         GATEWAY_KEY_CACHE_SECONDS="120",
         GATEWAY_KEY_NEGATIVE_CACHE_SECONDS=str(negative_seconds),
@@ -93,14 +91,14 @@ def _key_gateway(private_gateway: Any, negative_seconds: float) -> Any:
 
 
 @pytest.fixture
-def key_gateway(private_gateway: Any) -> Any:
+def key_gateway(spawn_gateway: Any) -> Any:
     # Misses are remembered far longer than a test takes, however slow the machine.
-    return _key_gateway(private_gateway, 120)
+    return _key_gateway(spawn_gateway, 120)
 
 
 @pytest.fixture
-def short_gateway(private_gateway: Any) -> Any:
-    return _key_gateway(private_gateway, NEGATIVE_SECONDS)
+def short_gateway(spawn_gateway: Any) -> Any:
+    return _key_gateway(spawn_gateway, NEGATIVE_SECONDS)
 
 
 def test_it_answers_a_repeated_bad_key_without_asking_the_database(
@@ -252,8 +250,8 @@ def test_it_locks_out_a_username_from_an_address_after_repeated_failures(
 # --- TLS settings from the environment ---------------------------------------------------------
 
 
-def test_it_sends_hsts_and_secure_cookies_behind_a_tls_proxy(private_gateway: Any) -> None:
-    gateway = private_gateway(
+def test_it_sends_hsts_and_secure_cookies_behind_a_tls_proxy(spawn_gateway: Any) -> None:
+    gateway = spawn_gateway(
         GATEWAY_TRUST_X_FORWARDED_PROTO="1",
         GATEWAY_SSL_REDIRECT="1",
         GATEWAY_HSTS_SECONDS="31536000",
@@ -279,11 +277,7 @@ _TLS_PROBE = (
 
 
 def _start_up(**env: str) -> subprocess.CompletedProcess[str]:
-    clean = {"PATH": os.environ["PATH"], "DJANGO_SETTINGS_MODULE": "config.settings"}
-    clean |= {"SECRET_KEY": "x" * 50, "GATEWAY_VAR_DIR": tempfile.mkdtemp(), **env}
-    return subprocess.run(
-        [sys.executable, "-c", _TLS_PROBE], cwd=ROOT, env=clean, capture_output=True, text=True
-    )
+    return settings_at_start_up(_TLS_PROBE, **env)
 
 
 def test_it_reads_the_tls_settings_from_the_environment_and_refuses_bad_values() -> None:
@@ -324,7 +318,7 @@ def test_it_audits_every_user_creation_and_role_grant_through_the_dashboard(
     from django.contrib.auth.models import User
 
     from accounts.models import Membership
-    from tests.proofs.support import dashboard_login, dashboard_post
+    from tests.support.dashboard import dashboard_login, dashboard_post
 
     root_name = f"root-{uuid.uuid4().hex[:8]}"
     User.objects.create_superuser(root_name, "root@example.com", PASSWORD)

@@ -13,7 +13,6 @@ used to skip admission altogether.
 from __future__ import annotations
 
 import time
-import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -21,50 +20,14 @@ import anthropic
 import httpx
 import openai
 import pytest
-import redis
-from django.db.models import Sum
 
-from tests.proofs.support import anthropic_error_shape, openai_error_shape
+from tests.support.http import anthropic_error_shape, openai_error_shape, unique
+from tests.support.money import ledger_for_key, ledger_spent, wait_budget_settled
 
 pytestmark = pytest.mark.e2e
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def _spent(key_id: int) -> int:
-    from billing.models import LedgerEntry
-
-    total = LedgerEntry.objects.filter(key_id=key_id).aggregate(s=Sum("charged_cost_micro_usd"))
-    return int(total["s"] or 0)
-
-
-def _rows(key_id: int) -> list[Any]:
-    from billing.models import LedgerEntry
-
-    return list(LedgerEntry.objects.filter(key_id=key_id).order_by("id"))
-
-
-def _counter(services_env: dict[str, str], key_id: int) -> tuple[int, int]:
-    """(spent, reserved) of the key's budget counter in Redis."""
-    client = redis.Redis.from_url(services_env["REDIS_URL"])
-    names = list(client.scan_iter(f"gw:bud:k:{key_id}:*"))
-    assert len(names) == 1, names
-    state = client.hgetall(names[0])
-    return int(state.get(b"spent", 0)), int(state.get(b"reserved", 0))
-
-
-def _wait_settled(services_env: dict[str, str], key_id: int) -> tuple[int, int]:
-    deadline = time.monotonic() + 10
-    while True:
-        spent, reserved = _counter(services_env, key_id)
-        if (reserved == 0 and spent == _spent(key_id)) or time.monotonic() > deadline:
-            return spent, reserved
-        time.sleep(0.05)
 
 
 def _post(gateway: Any, secret: str, path: str, body: dict[str, Any], **headers: str) -> Any:
@@ -89,7 +52,7 @@ OUTPUT_PRICE = Decimal("10")
 
 
 def _wordy_model(make_model: Any, **fields: Any) -> Any:
-    name = _name("wordy")
+    name = unique("wordy")
     return make_model(
         name=name,
         provider_model=f"openai/{name};output_tokens={PER_CHOICE}",
@@ -135,8 +98,11 @@ def test_it_reserves_every_choice_of_n_without_max_tokens(
     )
     assert len(answer.choices) == 2
     assert answer.usage is not None and answer.usage.completion_tokens == 2 * PER_CHOICE
-    assert _spent(key.key.id) <= budget
-    assert _wait_settled(services_env, key.key.id) == (_spent(key.key.id), 0)
+    assert ledger_spent(key_id=key.key.id) <= budget
+    assert wait_budget_settled(services_env["REDIS_URL"], key.key.id) == (
+        ledger_spent(key_id=key.key.id),
+        0,
+    )
 
 
 def test_it_counts_every_choice_in_the_tokens_per_minute_limit(
@@ -171,7 +137,7 @@ def test_it_prices_a_context_window_fallback_to_a_pricier_model(
     """
     from gateway import services
 
-    big_name = _name("big")
+    big_name = unique("big")
     big = make_model(
         name=big_name,
         provider_model=f"openai/{big_name};output_tokens=1000",
@@ -180,7 +146,7 @@ def test_it_prices_a_context_window_fallback_to_a_pricier_model(
         max_output_tokens=1000,
     )
     # And the big model's own content-policy fallback is pricier still: reachable too.
-    huge_name = _name("huge")
+    huge_name = unique("huge")
     make_model(
         name=huge_name,
         provider_model=f"openai/{huge_name};output_tokens=1000",
@@ -190,7 +156,7 @@ def test_it_prices_a_context_window_fallback_to_a_pricier_model(
     )
     services.group_save(name=big.name, content_policy_fallbacks=[huge_name])
     small = make_model(
-        name=_name("small"),
+        name=unique("small"),
         input_cost_per_million=Decimal("1"),
         output_cost_per_million=Decimal("1"),
         context_length=5,
@@ -206,15 +172,18 @@ def test_it_prices_a_context_window_fallback_to_a_pricier_model(
     }
     refused = _post(live_gateway, key.secret, "chat/completions", body)
     assert _refused_budget(refused), refused.text
-    assert _spent(key.key.id) == 0
+    assert ledger_spent(key_id=key.key.id) == 0
 
     # Once the pricier chain is affordable, it is served by the fallback and billed there.
     roomy = make_key(max_budget_micro_usd=5_000_000)
     served = _post(live_gateway, roomy.secret, "chat/completions", body)
     assert served.status_code == 200, served.text
     assert served.headers["x-gateway-model"].startswith(f"openai/{big_name}")
-    assert 100_000 <= _spent(roomy.key.id) <= 5_000_000
-    assert _wait_settled(services_env, roomy.key.id) == (_spent(roomy.key.id), 0)
+    assert 100_000 <= ledger_spent(key_id=roomy.key.id) <= 5_000_000
+    assert wait_budget_settled(services_env["REDIS_URL"], roomy.key.id) == (
+        ledger_spent(key_id=roomy.key.id),
+        0,
+    )
 
 
 def test_it_prices_a_content_policy_fallback_the_provider_forces(
@@ -224,7 +193,7 @@ def test_it_prices_a_content_policy_fallback_the_provider_forces(
     the request moves to a 100x pricier model that was never in the priced chain."""
     from gateway import services
 
-    big_name = _name("strict-big")
+    big_name = unique("strict-big")
     big = make_model(
         name=big_name,
         provider_model=f"openai/{big_name};output_tokens=1000",
@@ -232,7 +201,7 @@ def test_it_prices_a_content_policy_fallback_the_provider_forces(
         output_cost_per_million=Decimal("100"),
         max_output_tokens=1000,
     )
-    small_name = _name("prudish")
+    small_name = unique("prudish")
     small = make_model(
         name=small_name,
         provider_model=f"openai/{small_name};status=400;error_code=content_policy_violation",
@@ -249,7 +218,7 @@ def test_it_prices_a_content_policy_fallback_the_provider_forces(
             model=small.name, messages=[{"role": "user", "content": "something edgy"}]
         )
     assert refused.value.body["type"] == "insufficient_quota"  # type: ignore[index]
-    assert _spent(key.key.id) == 0
+    assert ledger_spent(key_id=key.key.id) == 0
 
     roomy = make_key(max_budget_micro_usd=1_000_000)
     roomy_client = openai.OpenAI(base_url=live_gateway.v1, api_key=roomy.secret, max_retries=0)
@@ -258,8 +227,11 @@ def test_it_prices_a_content_policy_fallback_the_provider_forces(
     )
     assert served.headers["x-gateway-model"].startswith(f"openai/{big_name}")
     assert served.headers["x-gateway-attempts"] == "2"
-    assert 100_000 <= _spent(roomy.key.id) <= 1_000_000
-    assert _wait_settled(services_env, roomy.key.id) == (_spent(roomy.key.id), 0)
+    assert 100_000 <= ledger_spent(key_id=roomy.key.id) <= 1_000_000
+    assert wait_budget_settled(services_env["REDIS_URL"], roomy.key.id) == (
+        ledger_spent(key_id=roomy.key.id),
+        0,
+    )
 
 
 def test_it_refuses_a_background_response(
@@ -272,7 +244,7 @@ def test_it_refuses_a_background_response(
         client.responses.create(model=model.name, input="later", background=True)
     assert refused.value.body["param"] == "background"  # type: ignore[index]
     assert "background" in refused.value.body["message"]  # type: ignore[index]
-    assert _rows(key.key.id) == []
+    assert ledger_for_key(key.key.id) == []
     # `background: false` is the default and fine.
     answer = client.responses.create(model=model.name, input="now", background=False)
     assert answer.status == "completed"
@@ -291,14 +263,14 @@ def test_it_refuses_a_conversation(live_gateway: Any, make_model: Any, make_key:
         assert refused.status_code == 400, refused.text
         assert openai_error_shape(refused.json())
         assert refused.json()["error"]["param"] == "conversation"
-    assert _rows(key.key.id) == []
+    assert ledger_for_key(key.key.id) == []
 
 
 def test_it_scopes_previous_response_id_to_the_team_and_counts_its_context(
     live_gateway: Any, make_model: Any, make_key: Any, make_team: Any
 ) -> None:
     # Long answers: each turn carries 3,000 output tokens of context into the next.
-    name = _name("chatty")
+    name = unique("chatty")
     model = make_model(
         name=name,
         provider_model=f"openai/{name};output_tokens=3000",
@@ -457,7 +429,7 @@ def test_it_refuses_what_the_ledger_cannot_price(
         assert openai_error_shape(refused.json())
         assert refused.json()["error"]["param"] == param
         assert refused.json()["error"]["code"] == "unpriced_feature"
-    assert _rows(key.key.id) == []
+    assert ledger_for_key(key.key.id) == []
 
 
 def test_it_still_serves_function_tools_and_default_service_tiers(
@@ -498,8 +470,8 @@ CACHE_ON = {"x-gateway-cache": "on"}
 
 
 @pytest.fixture
-def billing_gateway(private_gateway: Any) -> Any:
-    return private_gateway(GATEWAY_CACHE_BILL_HITS="true")
+def billing_gateway(spawn_gateway: Any) -> Any:
+    return spawn_gateway(GATEWAY_CACHE_BILL_HITS="true")
 
 
 def test_it_counts_cache_hits_against_the_request_rate_limit(
@@ -507,7 +479,7 @@ def test_it_counts_cache_hits_against_the_request_rate_limit(
 ) -> None:
     model = make_model()
     key = make_key(rpm_limit=3)
-    body = {"model": model.name, "messages": [{"role": "user", "content": _name("same")}]}
+    body = {"model": model.name, "messages": [{"role": "user", "content": unique("same")}]}
     statuses = [
         _post(live_gateway, key.secret, "chat/completions", body, **CACHE_ON) for _ in "1234"
     ]
@@ -520,13 +492,13 @@ def test_it_counts_cache_hits_against_the_request_rate_limit(
 def test_it_counts_cache_hits_against_the_token_rate_limit(
     live_gateway: Any, make_model: Any, make_key: Any
 ) -> None:
-    name = _name("tpm")
+    name = unique("tpm")
     model = make_model(name=name, provider_model=f"openai/{name};output_tokens=400")
     key = make_key(tpm_limit=1_500)
     body = {
         "model": model.name,
         "max_tokens": 400,
-        "messages": [{"role": "user", "content": _name("same")}],
+        "messages": [{"role": "user", "content": unique("same")}],
     }
     first = _post(live_gateway, key.secret, "chat/completions", body, **CACHE_ON)
     assert first.status_code == 200, first.text
@@ -540,7 +512,7 @@ def test_it_counts_cache_hits_against_the_token_rate_limit(
 def test_it_bills_cache_hits_through_the_reservation(
     billing_gateway: Any, services_env: dict[str, str], make_model: Any, make_key: Any
 ) -> None:
-    name = _name("billed")
+    name = unique("billed")
     model = make_model(
         name=name,
         provider_model=f"openai/{name};output_tokens=500",
@@ -553,7 +525,7 @@ def test_it_bills_cache_hits_through_the_reservation(
     body = {
         "model": model.name,
         "max_tokens": 500,
-        "messages": [{"role": "user", "content": _name("same")}],
+        "messages": [{"role": "user", "content": unique("same")}],
     }
     outcomes = []
     for _ in range(12):
@@ -564,13 +536,16 @@ def test_it_bills_cache_hits_through_the_reservation(
     assert all(r.headers["x-gateway-cache"] == "hit" for r in served[1:])
     assert refused, [r.status_code for r in outcomes]
     assert all(_refused_budget(r) for r in refused), refused[0].text
-    hits = [row for row in _rows(key.key.id) if row.cache_hit]
+    hits = [row for row in ledger_for_key(key.key.id) if row.cache_hit]
     assert hits and all(row.charged_cost_micro_usd > 0 for row in hits)
-    assert _spent(key.key.id) <= budget
+    assert ledger_spent(key_id=key.key.id) <= budget
     # The counter Redis keeps equals the ledger, to the micro-dollar.
-    assert _wait_settled(services_env, key.key.id) == (_spent(key.key.id), 0)
+    assert wait_budget_settled(services_env["REDIS_URL"], key.key.id) == (
+        ledger_spent(key_id=key.key.id),
+        0,
+    )
     # A refused hit has no ledger row and did not count.
-    assert len(_rows(key.key.id)) == len(served)
+    assert len(ledger_for_key(key.key.id)) == len(served)
 
 
 def test_it_bills_a_streamed_cache_hit_like_a_json_one(
@@ -579,7 +554,7 @@ def test_it_bills_a_streamed_cache_hit_like_a_json_one(
     model = make_model()
     key = make_key(max_budget_micro_usd=10_000_000)
     client = openai.OpenAI(base_url=billing_gateway.v1, api_key=key.secret, max_retries=0)
-    text = _name("stream me")
+    text = unique("stream me")
     for _ in range(3):
         stream = client.chat.completions.create(
             model=model.name,
@@ -588,7 +563,10 @@ def test_it_bills_a_streamed_cache_hit_like_a_json_one(
             extra_headers=CACHE_ON,
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    rows = _rows(key.key.id)
+    rows = ledger_for_key(key.key.id)
     assert [r.cache_hit for r in rows] == [False, True, True]
     assert all(r.charged_cost_micro_usd > 0 for r in rows)
-    assert _wait_settled(services_env, key.key.id) == (_spent(key.key.id), 0)
+    assert wait_budget_settled(services_env["REDIS_URL"], key.key.id) == (
+        ledger_spent(key_id=key.key.id),
+        0,
+    )

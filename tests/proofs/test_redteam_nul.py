@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from billing.models import LedgerEntry
-from tests.conftest import LiveGateway
+from tests.support.live import LiveGateway
 
 pytestmark = pytest.mark.e2e
 

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,9 +24,10 @@ import openai
 import pytest
 import redis
 
+from tests.support.live import settings_at_start_up
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 # Long-lived structures whose members (not the keys) are swept: reservations of requests
 # that died are released by the next admission (billing/admission.py).
@@ -59,9 +56,9 @@ def split_redis(services_env: dict[str, str]) -> Iterator[dict[str, redis.Redis]
 
 
 @pytest.fixture
-def split_gateway(private_gateway: Any, services_env: dict[str, str], split_redis: Any) -> Any:
+def split_gateway(spawn_gateway: Any, services_env: dict[str, str], split_redis: Any) -> Any:
     base = services_env["REDIS_URL"]
-    return private_gateway(
+    return spawn_gateway(
         REDIS_URL=_db_url(base, 11),
         GATEWAY_BUDGET_REDIS_URL=_db_url(base, 11),
         GATEWAY_CACHE_REDIS_URL=_db_url(base, 12),
@@ -260,12 +257,7 @@ _PROBE = (
 
 
 def _start_up(**env: str) -> subprocess.CompletedProcess[str]:
-    """A fresh start-up of the settings, with only the given gateway variables set."""
-    clean = {"PATH": os.environ["PATH"], "DJANGO_SETTINGS_MODULE": "config.settings"}
-    clean |= {"SECRET_KEY": "x" * 50, "GATEWAY_VAR_DIR": tempfile.mkdtemp(), **env}
-    return subprocess.run(
-        [sys.executable, "-c", _PROBE], cwd=ROOT, env=clean, capture_output=True, text=True
-    )
+    return settings_at_start_up(_PROBE, **env)
 
 
 def test_it_gives_each_redis_role_its_own_url_defaulting_to_redis_url() -> None:
@@ -293,10 +285,10 @@ def test_it_gives_each_redis_role_its_own_url_defaulting_to_redis_url() -> None:
 
 
 def test_it_caps_each_team_in_the_in_process_stores_too(
-    private_gateway: Any, make_model: Any, make_key: Any, mock_upstream: Any
+    spawn_gateway: Any, make_model: Any, make_key: Any, mock_upstream: Any
 ) -> None:
     """The embedded default (no Redis) keeps the same per-team caps, in the process."""
-    gateway = private_gateway(
+    gateway = spawn_gateway(
         REDIS_URL="",
         GATEWAY_CACHE_MAX_ENTRIES_PER_TEAM=str(CACHE_ENTRIES),
         GATEWAY_IDEMPOTENCY_MAX_ENTRIES_PER_TEAM=str(IDEM_ENTRIES),

@@ -28,8 +28,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, gateway_env
-from tests.support import wait_for
+from tests.support.live import ROOT, gateway_env
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def _row(request_id: str, team_id: int = 424242) -> dict[str, Any]:
 
 
 def test_a_torn_line_is_skipped_and_reported_and_never_blocks_replay(
-    private_gateway: Any, make_model: Any, make_key: Any, tmp_path: Path
+    spawn_gateway: Any, make_model: Any, make_key: Any, tmp_path: Path
 ) -> None:
     """A crash left a torn line in the middle of one file and at the end of another.
 
@@ -76,7 +76,7 @@ def test_a_torn_line_is_skipped_and_reported_and_never_blocks_replay(
         lines[3] + "\n" + torn_middle + "\n" + lines[4] + "\n"
     )
 
-    gateway = private_gateway(GATEWAY_LEDGER_SPOOL_DIR=str(spool_dir))
+    gateway = spawn_gateway(GATEWAY_LEDGER_SPOOL_DIR=str(spool_dir))
     model = make_model()
     created = make_key()
     response = httpx.post(

@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import gateway_env
-from tests.proofs.support import CeleryWorker, start_worker
-from tests.support import wait_for
+from tests.support.live import gateway_env
+from tests.support.waiting import wait_for
+from tests.support.workers import CeleryWorker, start_worker
 
 pytestmark = pytest.mark.e2e
 

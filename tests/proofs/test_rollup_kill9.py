@@ -24,8 +24,9 @@ import pytest
 import redis
 from django.db import connection
 
-from tests.conftest import LiveGateway, gateway_env
-from tests.proofs.support import CeleryWorker, spawn_worker, wait_for, wait_ready
+from tests.support.live import LiveGateway, gateway_env
+from tests.support.waiting import wait_for
+from tests.support.workers import CeleryWorker, spawn_worker, wait_ready
 
 pytestmark = pytest.mark.e2e
 

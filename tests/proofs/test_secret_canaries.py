@@ -35,9 +35,10 @@ import redis
 from django.conf import settings
 from django.test import override_settings
 
-from tests.conftest import LiveGateway, gateway_env
-from tests.proofs.support import CeleryWorker, dashboard_login, start_worker, wait_for
-from tests.workers.conftest import WORKER_ENV
+from tests.support.dashboard import dashboard_login
+from tests.support.live import LiveGateway, gateway_env
+from tests.support.waiting import wait_for
+from tests.support.workers import WORKER_ENV, CeleryWorker, start_worker
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from tests.proofs.support import Canary, Redirector
+from tests.support.listeners import Canary, Redirector
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ import sysconfig
 from importlib import metadata
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.support.live import ROOT
 
 COMPROMISED_LITELLM = {"1.82.7", "1.82.8", "1.107.0"}
 # .pth files that setuptools, virtualenv and editable installs legitimately add.

@@ -11,29 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, LiveGateway, gateway_env
-from tests.support import CeleryWorker, wait_for
-
-WORKER_ENV = {
-    # Tests deliver webhooks to a receiver on 127.0.0.1.
-    "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "1",
-    "GATEWAY_WEBHOOK_RETRY_BASE_SECONDS": "0.3",
-    # A killed worker's claims lapse quickly, so the kill test stays short.
-    "GATEWAY_BATCH_LEASE_SECONDS": "2",
-    "GATEWAY_BATCH_TEAM_CONCURRENCY": "8",
-}
+from tests.support.listeners import serve_http
+from tests.support.live import LiveGateway, gateway_env
+from tests.support.waiting import wait_for
+from tests.support.workers import WORKER_ENV, CeleryWorker, spawn_worker, wait_ready
 
 
 @dataclass
@@ -44,46 +35,18 @@ class Workers:
     current: CeleryWorker | None = None
 
     def start(self) -> CeleryWorker:
-        from config.celery import app
-
-        name = f"w{len(self.started)}-{uuid.uuid4().hex[:6]}"
-        log_path = self.log_dir / f"{name}.log"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "worker",
-                "--pool=prefork",
-                "--concurrency=2",
-                # Every queue the app routes to (config/celery.py): one worker does all here.
-                "-Q",
-                "celery,webhooks",
-                "-l",
-                "warning",
-                "-n",
-                f"{name}@%h",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: killpg reaches the children
+        # Every queue the app routes to (config/celery.py): one worker does all here.
+        worker = spawn_worker(
+            self.env,
+            self.log_dir,
+            "celery,webhooks",
+            name=f"w{len(self.started)}-{uuid.uuid4().hex[:6]}",
+            concurrency=2,
+            level="warning",
+            heartbeat=True,
         )
-        worker = CeleryWorker(name, process, log_path)
         self.started.append(worker)
-        destination = f"{name}@{socket.gethostname()}"
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{worker.log()[-4000:]}")
-            return bool(app.control.ping(destination=[destination], timeout=0.5))
-
-        wait_for(ready, 60, 0.2, "the Celery worker to answer a ping")
+        wait_ready(worker, 60)
         self.current = worker
         return worker
 
@@ -160,12 +123,6 @@ def mail_dir(celery_workers: Workers) -> Path:
     return Path(celery_workers.env["EMAIL_FILE_PATH"])
 
 
-def send_task(name: str, *args: Any, **kwargs: Any) -> None:
-    from config.celery import app
-
-    app.send_task(name, args=args, kwargs=kwargs)
-
-
 # --- a webhook receiver -----------------------------------------------------------------------
 
 
@@ -210,12 +167,6 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    found.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
-    try:
+    with serve_http(Handler) as url:
+        found.url = f"{url}/hooks"
         yield found
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -13,8 +13,10 @@ from billing import webhooks
 from billing.models import BudgetAlert, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from billing.notifications import notification_settings_set
 from core.models import AuditEntry
-from tests.billing import HELLO, output_priced_model, sdk
-from tests.workers.conftest import send_task, wait_for
+from tests.support.http import HELLO, openai_sdk
+from tests.support.money import output_priced_model
+from tests.support.waiting import wait_for
+from tests.support.workers import send_task
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +43,7 @@ def test_threshold_alerts_fire_once_each_by_email_and_signed_webhook(
     big = output_priced_model(make_model, output_tokens=300)
     small = output_priced_model(make_model, output_tokens=100)
     team = make_team(budget_micro_usd=1_000, alert_thresholds=[50, 100])
-    client = sdk(live_gateway, make_key(team=team).secret)
+    client = openai_sdk(live_gateway, make_key(team=team).secret)
     created = webhooks.endpoint_create(team_id=team.id, url=receiver.url)
     notification_settings_set(
         team_id=team.id, alert_emails=["finance@example.com", "ops@example.com"]

@@ -22,7 +22,7 @@ from openai import OpenAI
 from billing.models import LedgerEntry
 from gateway import services
 from gateway.models import BatchLine
-from tests.support import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from openai.types.batch_request_counts import BatchRequestCounts
 
 from billing.models import LedgerEntry
 from gateway.models import Batch, BatchLine
-from tests.workers.conftest import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,9 @@ from billing import invoices
 from billing.models import Invoice, InvoiceImmutable, InvoiceLine, LedgerEntry, WebhookDelivery
 from billing.pricing import Usage
 from core.models import AuditEntry
-from tests.workers.conftest import send_task, wait_for
-from tests.workers.support import ledger_row, write
+from tests.support.money import ledger_row, write
+from tests.support.waiting import wait_for
+from tests.support.workers import send_task
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,9 @@ from django.db.models import Count, Q, Sum
 
 from billing.models import LedgerEntry, ReconciliationRun, RollupState, UsageRollup
 from billing.usage import usage_report
-from tests.workers.conftest import send_task, wait_for
-from tests.workers.support import ledger_row, write
+from tests.support.money import ledger_row, write
+from tests.support.waiting import wait_for
+from tests.support.workers import send_task
 
 pytestmark = pytest.mark.e2e
 

@@ -16,16 +16,9 @@ import httpx
 import pytest
 from anthropic.types import Message, MessageParam, TextBlock, ToolParam, ToolUseBlock
 
-from tests.routing import (
-    anthropic_deployment,
-    anthropic_sdk,
-    cost_micro_usd,
-    ledger,
-    openai_deployment,
-    unique,
-    upstream_name,
-    usd_micro,
-)
+from tests.support.http import anthropic_sdk, unique
+from tests.support.models import anthropic_deployment, openai_deployment
+from tests.support.money import cost_micro_usd, ledger, upstream_name, usd
 
 pytestmark = pytest.mark.e2e
 
@@ -103,7 +96,7 @@ def test_it_creates_a_message_with_a_system_prompt_and_turns(
         prices=("1.00", "2.00"),
     )
     assert row.charged_cost_micro_usd == expected
-    assert usd_micro(raw.headers["x-gateway-cost-usd"]) == expected
+    assert usd(raw.headers["x-gateway-cost-usd"]) == expected
     assert raw.headers["x-gateway-model"] == deployment.provider_model
 
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 from django.utils import timezone
 
-from tests.gateway.support import assert_openai_error, chat, wait_until
+from tests.support.http import assert_openai_error, chat
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 

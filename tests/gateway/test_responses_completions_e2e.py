@@ -13,16 +13,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.routing import (
-    anthropic_deployment,
-    cost_micro_usd,
-    ledger,
-    ledger_for_model,
-    openai_deployment,
-    openai_sdk,
-    upstream_name,
-    usd_micro,
-)
+from tests.support.http import openai_sdk
+from tests.support.models import anthropic_deployment, openai_deployment
+from tests.support.money import cost_micro_usd, ledger, ledger_for_model, upstream_name, usd
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +56,7 @@ def test_it_creates_a_response(
         prices=("1.00", "2.00"),
     )
     assert row.charged_cost_micro_usd == expected
-    assert usd_micro(raw.headers["x-gateway-cost-usd"]) == expected
+    assert usd(raw.headers["x-gateway-cost-usd"]) == expected
 
 
 def test_it_streams_a_response(live_gateway: Any, make_key: Any, deployment: Any) -> None:
@@ -120,7 +113,7 @@ def test_it_serves_legacy_completions(
         prices=("1.00", "2.00"),
     )
     assert row.charged_cost_micro_usd == expected > 0
-    assert usd_micro(raw.headers["x-gateway-cost-usd"]) == expected
+    assert usd(raw.headers["x-gateway-cost-usd"]) == expected
 
     raw_stream = client.completions.with_raw_response.create(
         model=deployment.name, prompt="Once upon a time", max_tokens=30, stream=True
@@ -154,7 +147,7 @@ def test_it_admits_responses_and_completions_against_the_key_budget(
     raw = client.responses.with_raw_response.create(
         model=deployment.name, input="Hi", max_output_tokens=16
     )
-    assert usd_micro(raw.headers["x-gateway-cost-usd"]) == 10
+    assert usd(raw.headers["x-gateway-cost-usd"]) == 10
     # 10 spent + 16 reserved would pass 25: refused before any provider call.
     calls = mock_upstream.calls(upstream_name(deployment))
     with pytest.raises(openai.RateLimitError) as refused:
@@ -173,7 +166,7 @@ def test_it_admits_responses_and_completions_against_the_key_budget(
     first = bob.completions.with_raw_response.create(
         model=deployment.name, prompt="Hi", max_tokens=15
     )
-    assert usd_micro(first.headers["x-gateway-cost-usd"]) == 10
+    assert usd(first.headers["x-gateway-cost-usd"]) == 10
     with pytest.raises(openai.RateLimitError):
         bob.completions.create(model=deployment.name, prompt="Hi", max_tokens=16)
     [row] = ledger(first.headers["x-request-id"])

@@ -12,18 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.routing import (
-    anthropic_deployment,
-    anthropic_sdk,
-    chat_body,
-    ledger,
-    openai_deployment,
-    openai_sdk,
-    post,
-    unique,
-    upstream_name,
-    usd_micro,
-)
+from tests.support.http import anthropic_sdk, chat_body, openai_sdk, post, unique
+from tests.support.models import anthropic_deployment, openai_deployment
+from tests.support.money import ledger, upstream_name, usd
 
 pytestmark = pytest.mark.e2e
 
@@ -50,8 +41,8 @@ def test_it_serves_a_repeated_request_from_the_cache(
     assert (miss_row.cache_hit, hit_row.cache_hit) == (False, True)
     assert miss_row.charged_cost_micro_usd > 0
     assert hit_row.charged_cost_micro_usd == 0
-    assert usd_micro(second.headers["x-gateway-cost-usd"]) == 0
-    assert usd_micro(first.headers["x-gateway-cost-usd"]) == miss_row.charged_cost_micro_usd
+    assert usd(second.headers["x-gateway-cost-usd"]) == 0
+    assert usd(first.headers["x-gateway-cost-usd"]) == miss_row.charged_cost_micro_usd
     # What the hit would have cost is still known: the usage of the cached answer.
     assert (hit_row.prompt_tokens, hit_row.completion_tokens) == (
         miss_row.prompt_tokens,

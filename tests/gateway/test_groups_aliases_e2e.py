@@ -12,17 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.routing import (
-    assert_openai_error,
-    chat_body,
-    fresh_minute,
-    ledger,
-    openai_deployment,
-    openai_sdk,
-    put_group,
-    unique,
-    upstream_name,
-)
+from tests.support.http import assert_openai_error, chat_body, openai_sdk, unique
+from tests.support.models import openai_deployment, put_group
+from tests.support.money import ledger, upstream_name
+from tests.support.waiting import fresh_minute
 
 pytestmark = pytest.mark.e2e
 
@@ -45,16 +38,20 @@ def test_it_serves_an_alias_under_its_own_name(
     live_gateway: Any, mock_upstream: Any, make_model: Any, make_key: Any
 ) -> None:
     target = openai_deployment(make_model)
+    other = openai_deployment(make_model)
     alias = unique("alias")
     with live_gateway.admin() as admin:
         created = admin.post("/aliases", json={"alias": alias, "target": target.name})
         unknown = admin.post("/aliases", json={"alias": unique("alias"), "target": unique("nope")})
         again = admin.post("/aliases", json={"alias": alias, "target": target.name})
-        shadowing = admin.post("/aliases", json={"alias": target.name, "target": target.name})
+        itself = admin.post("/aliases", json={"alias": target.name, "target": target.name})
+        shadowing = admin.post("/aliases", json={"alias": other.name, "target": target.name})
     assert created.status_code == 201, created.text
-    # An alias is a new name: never a second definition, never a model's own name.
+    # An alias is a new name: never a second definition, never a model's own name, and
+    # never a name pointing at itself (a malformed request, so 400 rather than 409).
     assert again.status_code == 409, again.text
-    assert shadowing.status_code in (400, 409), shadowing.text
+    assert_openai_error(shadowing, 409, "conflict", param="alias")
+    assert_openai_error(itself, 400, param="target")
     assert created.json()["alias"] == alias and created.json()["target"] == target.name
     assert unknown.status_code == 400, unknown.text
 

@@ -14,19 +14,16 @@ import anthropic
 import httpx
 import pytest
 
-from tests.routing import (
-    anthropic_deployment,
+from tests.support.http import (
     anthropic_sdk,
     assert_openai_error,
     chat_body,
-    ledger,
-    openai_deployment,
     openai_sdk,
     post,
-    put_group,
     unique,
-    upstream_name,
 )
+from tests.support.models import anthropic_deployment, openai_deployment, put_group
+from tests.support.money import ledger, upstream_name
 
 pytestmark = pytest.mark.e2e
 

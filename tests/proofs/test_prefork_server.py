@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from django.db.models import Sum
+
+from tests.support.money import ledger_spent
 
 pytestmark = pytest.mark.e2e
 
@@ -38,13 +39,6 @@ async def _fire(base_url: str, secret: str, model: str, count: int, max_tokens: 
         await client.close()
 
 
-def _ledger_sum(**filters: int) -> int:
-    from billing.models import LedgerEntry
-
-    total = LedgerEntry.objects.filter(**filters).aggregate(s=Sum("charged_cost_micro_usd"))["s"]
-    return int(total or 0)
-
-
 def test_it_never_admits_more_than_the_budget_under_200_concurrent_requests(
     spawn_gateway, make_model, make_key, make_team
 ):
@@ -66,7 +60,7 @@ def test_it_never_admits_more_than_the_budget_under_200_concurrent_requests(
     admitted = results.count(200)
     assert admitted > 10, results  # the budget really was being used
     assert results.count(429) == 200 - admitted
-    spent = _ledger_sum(key_id=tight.key.id)
+    spent = ledger_spent(key_id=tight.key.id)
     assert 0 < spent <= budget
 
     # Counters equal the ledger to the micro-dollar, and nothing stays reserved.
@@ -102,4 +96,4 @@ def test_it_gives_no_false_refusals_to_a_key_at_half_its_budget(
     results = asyncio.run(_fire(gateway.v1, roomy.secret, model.name, 100, max_tokens=60))
 
     assert results == [200] * 100
-    assert _ledger_sum(key_id=roomy.key.id) <= 100 * 2 * 200
+    assert ledger_spent(key_id=roomy.key.id) <= 100 * 2 * 200

@@ -1,17 +1,14 @@
-"""Test helpers shared across suites: a canary listener, polling, Celery worker processes."""
+"""Local listeners for the SSRF proofs: a canary that counts connections, a redirector."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 # --- a canary: counts every TCP connection made to it ----------------------------------------
@@ -95,44 +92,57 @@ def open_canary() -> Iterator[Canary]:
             sock.close()
 
 
-# --- polling and Celery worker processes --------------------------------------------------
-
-
-def wait_for(
-    check: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
-        time.sleep(interval)
+# --- a redirector: answers everything with a 302 to a target ----------------------------------
 
 
 @dataclass
-class CeleryWorker:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
+class Redirector:
+    url: str
+    hits: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def count(self) -> int:
+        with self.lock:
+            return self.hits
 
-    def kill9(self) -> None:
-        """SIGKILL the worker's whole process group (main process and pool children)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
 
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-        except ProcessLookupError:
+@contextlib.contextmanager
+def open_redirector(target: str) -> Iterator[Redirector]:
+    found = Redirector(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def _redirect(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            if length:
+                self.rfile.read(length)
+            with found.lock:
+                found.hits += 1
+            self.send_response(302)
+            self.send_header("location", f"{target}{self.path}")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_HEAD = _redirect
+
+        def log_message(self, *args: Any) -> None:
             pass
+
+    with serve_http(Handler) as url:
+        found.url = url
+        yield found
+
+
+# --- any handler, served from a thread ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve `handler` on a free loopback port from a thread; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
