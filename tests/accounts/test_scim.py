@@ -21,7 +21,7 @@ from openai import OpenAI
 from accounts import services as account_services
 from accounts.models import Membership, VirtualKey
 from core.models import AuditEntry
-from tests.gateway.support import wait_until
+from tests.support.waiting import wait_until
 
 SCIM_TOKEN = "scim-test-token-0123456789"
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"

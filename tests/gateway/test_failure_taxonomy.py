@@ -14,7 +14,7 @@ import litellm
 import pytest
 
 from core.errors import GatewayError
-from gateway.proxy import client_error
+from gateway.failures import MAX_BACKOFF_SECONDS, backoff, classify, client_error
 from gateway.upstream import UpstreamError, from_litellm, sanitise
 
 
@@ -161,3 +161,47 @@ def test_it_rounds_retry_after_to_whole_seconds_and_never_below_one() -> None:
     assert client_error(UpstreamError(429, "x", retry_after=2.6)).headers == {"retry-after": "3"}
     assert client_error(UpstreamError(503, "x", retry_after=0.2)).headers == {"retry-after": "1"}
     assert client_error(UpstreamError(429, "x")).headers == {}
+
+
+# --- what the flow does with a failure: retry, fall back by kind, or answer ---------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind"),
+    [
+        (UpstreamError(429, "slow down"), "retry"),
+        (UpstreamError(529, "overloaded"), "retry"),
+        (UpstreamError(599, "no answer", kind="timeout"), "retry"),
+        (UpstreamError(400, "x", kind="connection"), "retry"),
+        (UpstreamError(400, "This model's maximum context length is 8192 tokens"), "context"),
+        (UpstreamError(400, "Prompt is too long"), "context"),
+        (UpstreamError(400, "flagged", provider_code="content_policy_violation"), "content_policy"),
+        (UpstreamError(401, "bad key"), "deployment"),
+        (UpstreamError(404, "no such model"), "deployment"),
+        (UpstreamError(400, "temperature must be at most 2"), "client"),
+        (UpstreamError(422, "maximum context length"), "client"),  # only a 400 says context
+    ],
+)
+def test_it_classifies_each_failure_into_what_the_flow_does_next(
+    failure: UpstreamError, kind: str
+) -> None:
+    assert classify(failure) == kind
+
+
+def test_it_waits_just_past_the_providers_retry_after_when_it_is_within_the_cap() -> None:
+    assert backoff(0, UpstreamError(429, "x", retry_after=2.0), 0.5, 10.0) == pytest.approx(2.05)
+    # Longer than the group allows: no wait, fall back at once.
+    assert backoff(0, UpstreamError(429, "x", retry_after=30.0), 0.5, 10.0) is None
+
+
+def test_it_backs_off_exponentially_with_jitter_and_a_ceiling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import random
+
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # the top of the jitter
+    failure = UpstreamError(503, "x")
+    assert [backoff(n, failure, 0.5, 10.0) for n in range(3)] == [0.75, 1.5, 3.0]
+    assert backoff(10, failure, 0.5, 10.0) == MAX_BACKOFF_SECONDS * 1.5
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)
+    assert backoff(1, failure, 0.5, 10.0) == 0.5

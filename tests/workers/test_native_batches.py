@@ -20,7 +20,8 @@ from openai import OpenAI
 
 from billing.models import LedgerEntry
 from gateway.models import Batch
-from tests.workers.conftest import send_task, wait_for
+from tests.support.waiting import wait_for
+from tests.support.workers import send_task
 
 pytestmark = pytest.mark.e2e
 
