@@ -3,7 +3,7 @@
 200 concurrent requests on a key with a $0.50 budget, while the provider fails 10% of
 calls (no retries, so failures reach the client) and 5% of the clients abort their
 streamed request mid-flight. A second key at half its budget runs alongside and must
-never be refused. (The fault-free version is tests/guarantees/test_budget_concurrency.py.)
+never be refused. (The fault-free version is tests/proofs/test_budget_concurrency.py.)
 """
 
 from __future__ import annotations

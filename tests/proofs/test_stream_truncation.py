@@ -6,8 +6,8 @@ endpoint (chat completions, Anthropic Messages, Responses) and whichever path th
 gateway takes (bytes forwarded to an upstream of the same dialect, or litellm
 translating), the SDK must raise while iterating, after having seen the first chunks,
 and must never see the stream's end marker. The ledger records the attempt as partial.
-(Postgres/Redis outages, client disconnects and upstream faults are tests/guarantees
-and tests/routing/test_fallbacks_e2e.py; the raw-HTTP chat case is
+(Postgres/Redis outages, client disconnects and upstream faults are the other proofs here
+and tests/gateway/test_fallbacks_e2e.py; the raw-HTTP chat case is
 tests/gateway/test_streaming_e2e.py.)
 """
 
