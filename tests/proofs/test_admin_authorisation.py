@@ -248,6 +248,7 @@ SPECS: dict[str, Callable[[World, bool], Call]] = {
     ),
     "GET /api/admin/usage": lambda w, f: Call({}, query=_window()),
     "GET /api/admin/usage/reconciliations": lambda w, f: Call({}),
+    "GET /api/admin/reconciliations/provider": lambda w, f: Call({}),
     "POST /api/admin/usage/reconciliations": lambda w, f: Call({}, _window()),
 }
 
