@@ -3,17 +3,21 @@ reconciliation of the ledger with the providers' bills."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncDate
+from django.utils import timezone
 
 from billing.models import LedgerEntry, ProviderCost
-from billing.periods import Period
+from billing.periods import Period, current_period
 from billing.pricing import MICRO
+from billing.usage import usage_report
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,49 @@ def period_spend(*, scope: str, owner_id: int, period: Period) -> int:
     """
     rows = _period_rows(scope=scope, owner_id=owner_id, period=period)
     return int(rows.aggregate(total=Sum("charged_cost_micro_usd"))["total"] or 0)
+
+
+def period_spends(
+    dimension: Literal["team_id", "key_id"],
+    owners: Iterable[tuple[int, str, str, datetime]],
+    now: datetime | None = None,
+) -> dict[int, int]:
+    """`period_spend` for many teams (or keys) at once, each over its own current period.
+
+    For list pages. `owners` are (id, budget period, timezone, created at). Read from
+    the rollups and the live tail (billing.usage), one call per distinct period: owners
+    sharing a period and timezone share the call. Equal to `period_spend` per owner.
+    """
+    now = now or timezone.now()
+    windows: dict[tuple[datetime | None, datetime | None], list[int]] = defaultdict(list)
+    earliest: dict[tuple[datetime | None, datetime | None], datetime] = {}
+    for owner_id, kind, tz_name, created_at in owners:
+        period = current_period(kind, tz_name, now)
+        span = (period.start, period.end)
+        windows[span].append(owner_id)
+        earliest[span] = min(earliest.get(span, created_at), created_at)
+    spent: dict[int, int] = defaultdict(int)
+    for (start, end), ids in windows.items():
+        # A never-resetting credit covers everything since the team (or key) began.
+        since = start or earliest[(start, end)].astimezone(UTC).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        until = end or now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(
+            hours=2
+        )
+        single = ids[0] if len(ids) == 1 else None
+        rows = usage_report(
+            since=since,
+            until=until,
+            team_id=single if dimension == "team_id" else None,
+            key_id=single if dimension == "key_id" else None,
+            group_by=("team_id",) if dimension == "team_id" else ("key_id",),
+        )
+        wanted = set(ids)
+        for row in rows:
+            if row[dimension] in wanted:
+                spent[row[dimension]] += row["charged_cost_micro_usd"]
+    return dict(spent)
 
 
 def spend_by_model(*, scope: str, owner_id: int, period: Period) -> list[dict[str, Any]]:

@@ -10,14 +10,14 @@ from django.db.models import OuterRef, QuerySet, Subquery
 
 from accounts.models import KeySecret, VirtualKey
 from billing.models import LedgerEntry
+from billing.selectors import period_spends
 from dashboard.access import Viewer
-from dashboard.selectors.common import period_spend
 
 
 def key_period_spend(keys: Sequence[VirtualKey], now: datetime | None = None) -> dict[int, int]:
     """Each key's spend in its own current budget period (team timezone)."""
     owners = ((key.id, key.budget_period, key.team.timezone, key.created_at) for key in keys)
-    return period_spend("key_id", owners, now)
+    return period_spends("key_id", owners, now)
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,17 @@ from django.utils import timezone
 from accounts.models import Membership, Team, VirtualKey
 from billing import notifications
 from billing.periods import current_period, zone
+from billing.selectors import period_spends
 from dashboard.access import Viewer
 from dashboard.charts import Window
-from dashboard.selectors.common import period_spend, visible_teams
+from dashboard.selectors.common import visible_teams
 
 
 def team_period_spend(teams: Sequence[Team], now: datetime | None = None) -> dict[int, int]:
     """Each team's spend in its own current budget period: one billing.usage call per
     distinct period (teams sharing a period and timezone share the call)."""
     owners = ((team.id, team.budget_period, team.timezone, team.created_at) for team in teams)
-    return period_spend("team_id", owners, now)
+    return period_spends("team_id", owners, now)
 
 
 @dataclass(frozen=True)
