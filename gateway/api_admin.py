@@ -17,8 +17,8 @@ from accounts import services as account_services
 from accounts.models import KeySecret, Team, VirtualKey
 from core.api import ADMIN_ACTOR, AdminToken, ErrorOut, Page, PageParams
 from core.errors import GatewayError, invalid_request
-from gateway import services
-from gateway.models import ModelAlias, ModelDeployment, ModelGroup
+from gateway import selectors, services
+from gateway.models import ModelDeployment
 from gateway.schemas import (
     AliasIn,
     AliasOut,
@@ -249,12 +249,12 @@ def key_rotate(
 
 @router.get("/model-groups", response=Page[GroupOut], summary="List routing policies")
 def group_list(request: HttpRequest, page: Query[PageParams]) -> Any:
-    return page.of(ModelGroup.objects.all(), GroupOut.of)
+    return page.of(selectors.groups(), GroupOut.of)
 
 
 @router.get("/model-groups/{path:name}", response={200: GroupOut, **ERRORS})
 def group_get(request: HttpRequest, name: str) -> GroupOut:
-    group = ModelGroup.objects.filter(name=name).first()
+    group = selectors.group_get(name)
     if group is None:
         raise GatewayError(
             f"No routing policy for '{name}'; it uses the defaults.", 404, code="not_found"
@@ -268,7 +268,7 @@ def group_get(request: HttpRequest, name: str) -> GroupOut:
     summary="Set a model's routing policy: strategy, fallbacks, retries, cooldown",
 )
 def group_put(request: HttpRequest, name: str, payload: GroupIn) -> GroupOut:
-    if not ModelDeployment.objects.filter(name=name).exists():
+    if not selectors.model_exists(name):
         raise GatewayError(
             f"No model named '{name}'; add a deployment first.", 404, code="not_found"
         )
@@ -278,7 +278,7 @@ def group_put(request: HttpRequest, name: str, payload: GroupIn) -> GroupOut:
 
 @router.delete("/model-groups/{path:name}", response={204: None, **ERRORS})
 def group_delete(request: HttpRequest, name: str) -> tuple[int, None]:
-    group = ModelGroup.objects.filter(name=name).first()
+    group = selectors.group_get(name)
     if group is None:
         raise GatewayError(f"No routing policy for '{name}'.", 404, code="not_found")
     services.group_delete(actor=ADMIN_ACTOR, group=group)
@@ -287,8 +287,6 @@ def group_delete(request: HttpRequest, name: str) -> tuple[int, None]:
 
 @router.post("/aliases", response={201: AliasOut, **ERRORS}, summary="Add a model alias")
 def alias_create(request: HttpRequest, payload: AliasIn) -> tuple[int, AliasOut]:
-    if not ModelDeployment.objects.filter(name=payload.target).exists():
-        raise invalid_request(f"'{payload.target}' is not a configured model.", param="target")
     return 201, AliasOut.of(
         services.alias_create(actor=ADMIN_ACTOR, alias=payload.alias, target=payload.target)
     )
@@ -296,12 +294,12 @@ def alias_create(request: HttpRequest, payload: AliasIn) -> tuple[int, AliasOut]
 
 @router.get("/aliases", response=Page[AliasOut])
 def alias_list(request: HttpRequest, page: Query[PageParams]) -> Any:
-    return page.of(ModelAlias.objects.all(), AliasOut.of)
+    return page.of(selectors.aliases(), AliasOut.of)
 
 
 @router.delete("/aliases/{path:alias}", response={204: None, **ERRORS})
 def alias_delete(request: HttpRequest, alias: str) -> tuple[int, None]:
-    found = ModelAlias.objects.filter(alias=alias).first()
+    found = selectors.alias_named(alias)
     if found is None:
         raise GatewayError(f"No alias '{alias}'.", 404, code="not_found")
     services.alias_delete(actor=ADMIN_ACTOR, alias=found)

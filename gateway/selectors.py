@@ -42,6 +42,14 @@ def alias_get(alias_id: int) -> ModelAlias | None:
     return ModelAlias.objects.filter(id=alias_id).first()
 
 
+def alias_named(alias: str) -> ModelAlias | None:
+    return ModelAlias.objects.filter(alias=alias).first()
+
+
+def groups() -> QuerySet[ModelGroup]:
+    return ModelGroup.objects.all()
+
+
 def group_get(name: str) -> ModelGroup | None:
     """The routing policy of the public model `name` (None: it uses the defaults)."""
     return ModelGroup.objects.filter(name=name).first()

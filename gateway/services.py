@@ -204,6 +204,8 @@ def group_delete(*, group: ModelGroup, actor: str = "system") -> None:
 
 
 def alias_create(*, alias: str, target: str, actor: str = "system") -> ModelAlias:
+    if not ModelDeployment.objects.filter(name=target).exists():
+        raise invalid_request(f"'{target}' is not a configured model.", param="target")
     if alias == target:
         raise invalid_request("An alias cannot point at itself.", param="target")
     if ModelAlias.objects.filter(alias=alias).exists():
