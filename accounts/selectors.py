@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from django.contrib.auth.models import User
 from django.db.models import Count, QuerySet
 
-from accounts.models import Membership, PlatformRole, StaffRole, TeamRole
+from accounts.models import Membership, PlatformRole, StaffRole, Team, TeamRole, VirtualKey
 
 
 def user_is_team_admin(*, user_id: int, team_id: int) -> bool:
@@ -42,3 +42,27 @@ def finance_user_ids(user_ids: Iterable[int]) -> set[int]:
             "user_id", flat=True
         )
     )
+
+
+def team_roles(user_id: int) -> dict[int, str]:
+    """The user's role in each of their teams: team id → "admin" | "member"."""
+    return dict(Membership.objects.filter(user_id=user_id).values_list("team_id", "role"))
+
+
+def is_finance(user_id: int) -> bool:
+    return StaffRole.objects.filter(user_id=user_id, role=PlatformRole.FINANCE).exists()
+
+
+def team_get(team_id: int) -> Team | None:
+    return Team.objects.filter(id=team_id).first()
+
+
+def key_get(key_id: int) -> VirtualKey | None:
+    """A key with its team and owner loaded (pages show both)."""
+    return VirtualKey.objects.select_related("team", "owner").filter(id=key_id).first()
+
+
+def owned_key_ids(*, team_ids: Iterable[int], owner_id: int) -> QuerySet[VirtualKey, int]:
+    """The ids of the keys a user owns in these teams, as a subquery."""
+    keys = VirtualKey.objects.filter(team_id__in=team_ids, owner_id=owner_id)
+    return keys.values_list("id", flat=True)

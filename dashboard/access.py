@@ -19,7 +19,8 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 
-from accounts.models import Membership, PlatformRole, StaffRole, Team, TeamRole, VirtualKey
+from accounts.models import Team, TeamRole, VirtualKey
+from accounts.selectors import is_finance, key_get, owned_key_ids, team_get, team_roles
 from billing import invoices
 from billing.models import Invoice, InvoiceStatus
 from core.errors import GatewayError
@@ -188,9 +189,7 @@ class Viewer:
             return None
         q = Q(team_id__in=self.admin_team_ids)
         if self.member_team_ids:
-            own = VirtualKey.objects.filter(
-                team_id__in=self.member_team_ids, owner_id=self.user_id
-            ).values("id")
+            own = owned_key_ids(team_ids=self.member_team_ids, owner_id=self.user_id)
             q |= Q(key_id__in=own)
         return q
 
@@ -206,8 +205,8 @@ class Viewer:
 
 def load_viewer(user: AbstractBaseUser | AnonymousUser) -> Viewer:
     assert isinstance(user, User)
-    roles = dict(Membership.objects.filter(user_id=user.id).values_list("team_id", "role"))
-    finance = StaffRole.objects.filter(user_id=user.id, role=PlatformRole.FINANCE).exists()
+    roles = team_roles(user.id)
+    finance = is_finance(user.id)
     return Viewer(
         user_id=user.id,
         username=user.get_username(),
@@ -249,7 +248,7 @@ def require(allowed: bool) -> None:
 
 
 def get_team_for_viewer(viewer: Viewer, team_id: int) -> Team:
-    team = Team.objects.filter(id=team_id).first()
+    team = team_get(team_id)
     if team is None or not viewer.can_view_team(team.id):
         raise Http404("No such team.")
     return team
@@ -300,7 +299,7 @@ def get_invoice_for_manager(viewer: Viewer, invoice_id: int) -> Invoice:
 
 
 def get_key_for_viewer(viewer: Viewer, key_id: int) -> VirtualKey:
-    key = VirtualKey.objects.select_related("team", "owner").filter(id=key_id).first()
+    key = key_get(key_id)
     if key is None or not viewer.can_view_key(key):
         raise Http404("No such key.")
     return key
