@@ -441,8 +441,9 @@ if not 0 <= GATEWAY_EMULATED_BATCH_DISCOUNT_PERCENT <= 100:
     )
 # A batch whose lines all go to one deployment with a batch API (OpenAI, Azure OpenAI,
 # Anthropic) is submitted to it natively; off, every batch runs live. A deployment opts
-# out with capabilities {"native_batches": false}.
-GATEWAY_NATIVE_BATCHES = env_bool("GATEWAY_NATIVE_BATCHES", True)
+# out with capabilities {"native_batches": false}. On by default only with a broker:
+# without one (`make run`) no beat polls the provider, and a native batch would never end.
+GATEWAY_NATIVE_BATCHES = env_bool("GATEWAY_NATIVE_BATCHES", not CELERY_TASK_ALWAYS_EAGER)
 # How often beat polls the provider batches in flight.
 GATEWAY_NATIVE_BATCH_POLL_SECONDS = env_float("GATEWAY_NATIVE_BATCH_POLL_SECONDS", 60.0, minimum=1)
 # Lines of one team's batches in flight at once, across every worker.

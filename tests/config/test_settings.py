@@ -38,6 +38,7 @@ print(json.dumps({
     "cache_backend": settings.CACHES["default"]["BACKEND"],
     "cache_location": settings.CACHES["default"].get("LOCATION"),
     "eager": settings.CELERY_TASK_ALWAYS_EAGER,
+    "native_batches": settings.GATEWAY_NATIVE_BATCHES,
     "broker": settings.CELERY_BROKER_URL,
     "debug": settings.DEBUG,
     "secret_key_set": bool(settings.SECRET_KEY),
@@ -187,6 +188,8 @@ def test_it_runs_embedded_without_database_or_redis(outcomes):
     assert settings["name"].startswith(str(outcome.var_dir))
     assert settings["cache_backend"] == "django.core.cache.backends.locmem.LocMemCache"
     assert settings["eager"] is True
+    # Nothing would poll a provider's batch (no beat): batches run live, to the end.
+    assert settings["native_batches"] is False
 
 
 def test_it_uses_postgres_with_a_pool_from_database_url(outcomes):
@@ -213,6 +216,7 @@ def test_it_uses_redis_for_cache_and_celery_from_redis_url(outcomes):
     assert settings["cache_backend"] == "django.core.cache.backends.redis.RedisCache"
     assert settings["cache_location"] == "redis://cache.internal:6379/2"
     assert settings["eager"] is False
+    assert settings["native_batches"] is True
     assert settings["broker"] == "redis://cache.internal:6379/2"
 
 
