@@ -466,36 +466,47 @@ def test_dashboard_users_cannot_promote_themselves(live_gateway, make_team):
         )
 
     before = state()
+    # The dashboard's rule (dashboard/access.py): what the user may see but not change is
+    # a 403; another team's objects (or a membership addressed under the wrong team) are
+    # a 404, so their existence is not revealed. Users and roles are platform-admin pages.
     attempts = [
-        (as_bob, f"/teams/{acme.id}/members/{bob_member.id}/role/", {"role": "admin"}),
-        (as_bob, f"/teams/{acme.id}/members/add/", {"username": bob.username, "role": "admin"}),
-        (as_bob, f"/users/{bob.id}/role/", {"platform_role": "admin"}),
-        (as_bob, f"/users/{bob.id}/role/", {"platform_role": "finance"}),
+        (as_bob, f"/teams/{acme.id}/members/{bob_member.id}/role/", {"role": "admin"}, 403),
+        (
+            as_bob,
+            f"/teams/{acme.id}/members/add/",
+            {"username": bob.username, "role": "admin"},
+            403,
+        ),
+        (as_bob, f"/users/{bob.id}/role/", {"platform_role": "admin"}, 403),
+        (as_bob, f"/users/{bob.id}/role/", {"platform_role": "finance"}, 403),
         (
             as_bob,
             "/users/",
             {"username": _unique("bob2"), "password": PASSWORD, "platform_role": "admin"},
+            403,
         ),
-        (as_alice, f"/users/{alice.id}/role/", {"platform_role": "admin"}),
+        (as_alice, f"/users/{alice.id}/role/", {"platform_role": "admin"}, 403),
         (
             as_alice,
             "/users/",
             {"username": _unique("alice2"), "password": PASSWORD, "platform_role": "admin"},
+            403,
         ),
         (
             as_alice,
             f"/teams/{globex.id}/members/add/",
             {"username": alice.username, "role": "admin"},
+            404,
         ),
-        (as_alice, f"/teams/{globex.id}/members/{charlie_admin.id}/role/", {"role": "member"}),
-        (as_alice, f"/teams/{acme.id}/members/{charlie_admin.id}/role/", {"role": "member"}),
+        (as_alice, f"/teams/{globex.id}/members/{charlie_admin.id}/role/", {"role": "member"}, 404),
+        (as_alice, f"/teams/{acme.id}/members/{charlie_admin.id}/role/", {"role": "member"}, 404),
     ]
-    refused = []
-    for client, path, data in attempts:
+    wrong = []
+    for client, path, data, expected in attempts:
         response = dashboard_post(client, path, data)
-        if response.status_code not in (403, 404) or "CSRF" in response.text:
-            refused.append(f"{path} {data}: {response.status_code}")
+        if response.status_code != expected or "CSRF" in response.text:
+            wrong.append(f"{path} {data}: {response.status_code}, not {expected}")
 
-    assert refused == [], refused
+    assert wrong == [], wrong
     assert state() == before, "a refused promotion changed a role"
     assert not User.objects.filter(username__regex=r"^(bob2|alice2)-").exists()
