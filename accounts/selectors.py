@@ -66,3 +66,14 @@ def owned_key_ids(*, team_ids: Iterable[int], owner_id: int) -> QuerySet[Virtual
     """The ids of the keys a user owns in these teams, as a subquery."""
     keys = VirtualKey.objects.filter(team_id__in=team_ids, owner_id=owner_id)
     return keys.values_list("id", flat=True)
+
+
+def teams(ids: Iterable[int] | None = None) -> QuerySet[Team]:
+    """Every team, or those with these ids."""
+    rows = Team.objects.all()
+    return rows if ids is None else rows.filter(id__in=list(ids))
+
+
+def keys(ids: Iterable[int]) -> QuerySet[VirtualKey]:
+    """Keys by id, with their team and owner loaded."""
+    return VirtualKey.objects.filter(id__in=list(ids)).select_related("team", "owner")

@@ -11,8 +11,9 @@ from django.shortcuts import redirect
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_http_methods, require_POST
 
+from accounts import selectors as account_selectors
 from accounts import services as account_services
-from accounts.models import Team, VirtualKey
+from accounts.models import Team
 from accounts.services import IssuedKey
 from core.errors import GatewayError
 from dashboard.access import (
@@ -62,11 +63,7 @@ def key_list(request: DashboardRequest) -> HttpResponse:
 
 def _issuable_teams(request: DashboardRequest) -> list[Team]:
     viewer = request.viewer
-    teams = (
-        Team.objects.all()
-        if viewer.is_platform_admin
-        else Team.objects.filter(id__in=list(viewer.team_roles))
-    )
+    teams = account_selectors.teams(None if viewer.is_platform_admin else viewer.team_roles)
     return list(teams.order_by("name")[:500])
 
 
@@ -79,7 +76,7 @@ def key_issue(request: DashboardRequest) -> HttpResponse:
     initial_team = request.GET.get("team")
     form = KeyIssueForm(posted(request), initial={"team": initial_team})
     team_field = form.fields["team"]
-    team_field.queryset = Team.objects.filter(id__in=[t.id for t in teams])  # type: ignore[attr-defined]
+    team_field.queryset = account_selectors.teams(t.id for t in teams)  # type: ignore[attr-defined]
     # Limits are for team admins; a member's key lives within the team's limits, and
     # where the team has a member key policy the member sets them within its caps.
     can_set_limits = any(
@@ -140,9 +137,7 @@ def _secret_page(request: DashboardRequest, issued: IssuedKey, *, created: bool)
 def key_detail(request: DashboardRequest, key_id: int) -> HttpResponse:
     viewer = request.viewer
     key = get_key_for_viewer(viewer, key_id)
-    annotated = (
-        with_key_hints(VirtualKey.objects.filter(id=key.id)).select_related("team", "owner").get()
-    )
+    annotated = with_key_hints(account_selectors.keys([key.id])).get()
     row = key_rows([annotated])[0]
     return page(
         request,

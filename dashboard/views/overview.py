@@ -6,7 +6,7 @@ from django.http import HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from accounts.models import Team
+from accounts import selectors as account_selectors
 from dashboard import charts
 from dashboard.access import DashboardRequest, dashboard_view
 from dashboard.formatting import usd_axis
@@ -63,12 +63,12 @@ def overview(request: DashboardRequest) -> HttpResponse:
     budgets: list[TeamBudget] = []
     key_budgets: list[KeyRow] | None = None
     if team is not None and viewer.can_view_team_details(team.id):
-        budget_teams = Team.objects.filter(id=team.id)
+        budget_teams = account_selectors.teams([team.id])
     elif team is None and (viewer.sees_all_teams or viewer.admin_team_ids):
         budget_teams = (
             visible_teams(viewer).filter(id__in=viewer.admin_team_ids)
             if not viewer.sees_all_teams
-            else Team.objects.all()
+            else account_selectors.teams()
         )
     else:
         budget_teams = None

@@ -9,6 +9,7 @@ from datetime import UTC, timedelta
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_GET
 
+from accounts import selectors as account_selectors
 from accounts.models import Team, VirtualKey
 from billing.csv_export import csv_amount, safe_writer
 from dashboard import charts
@@ -244,12 +245,8 @@ def request_detail(request: DashboardRequest, row_id: int) -> HttpResponse:
     row = ledger_row(request.viewer, row_id)
     if row is None:
         raise Http404("No such request.")
-    key = (
-        VirtualKey.objects.filter(id=row.key_id).select_related("team").first()
-        if row.key_id
-        else None
-    )
-    team = key.team if key else Team.objects.filter(id=row.team_id).first()
+    key = account_selectors.key_get(row.key_id) if row.key_id else None
+    team = key.team if key else account_selectors.team_get(row.team_id)
     return page(
         request,
         "dashboard/requests/detail.html",
