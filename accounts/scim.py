@@ -131,6 +131,10 @@ def scim_users() -> QuerySet[User]:
     return User.objects.filter(identity__scim_provisioned=True).select_related("identity")
 
 
+def scim_groups() -> QuerySet[ScimGroup]:
+    return ScimGroup.objects.all()
+
+
 def scim_user_get(*, scim_id: str) -> User:
     try:
         uid = uuid.UUID(scim_id)

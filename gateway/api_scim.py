@@ -17,7 +17,6 @@ from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
 from accounts import scim
-from accounts.models import ScimGroup
 from accounts.scim import ScimError
 from core.http import json_response
 
@@ -27,6 +26,14 @@ View = Callable[..., HttpResponse]
 
 def _json(body: Any, status: int = 200) -> HttpResponse:
     return json_response(body, status, content_type=CONTENT_TYPE)
+
+
+def _listing(request: HttpRequest, rows: Any, filters: Any, shape: Any) -> HttpResponse:
+    """One page of a resource list, filtered as the client asked (`filter`, `startIndex`)."""
+    q = scim.parse_filter(request.GET.get("filter"), filters)
+    if q is not None:
+        rows = rows.filter(q)
+    return _json(scim.page(rows.order_by("id"), request.GET, shape, _base_url(request)))
 
 
 def _base_url(request: HttpRequest) -> str:
@@ -78,11 +85,7 @@ def users(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         user = scim.scim_user_create(data=_body(request))
         return _json(scim.user_to_scim(user, base), 201)
-    qs = scim.scim_users().order_by("id")
-    q = scim.parse_filter(request.GET.get("filter"), scim.USER_FILTERS)
-    if q is not None:
-        qs = qs.filter(q)
-    return _json(scim.page(qs, request.GET, scim.user_to_scim, base))
+    return _listing(request, scim.scim_users(), scim.USER_FILTERS, scim.user_to_scim)
 
 
 @scim_view(("GET", "PUT", "PATCH", "DELETE"))
@@ -105,11 +108,7 @@ def groups(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         group = scim.scim_group_create(data=_body(request))
         return _json(scim.group_to_scim(group, base), 201)
-    qs = ScimGroup.objects.order_by("id")
-    q = scim.parse_filter(request.GET.get("filter"), scim.GROUP_FILTERS)
-    if q is not None:
-        qs = qs.filter(q)
-    return _json(scim.page(qs, request.GET, scim.group_to_scim, base))
+    return _listing(request, scim.scim_groups(), scim.GROUP_FILTERS, scim.group_to_scim)
 
 
 @scim_view(("GET", "PUT", "PATCH", "DELETE"))
